@@ -1,0 +1,1336 @@
+#!/usr/bin/env python3
+"""convox.py -- Convox's one-off commands for any host with a Docker Engine API socket.
+
+    convox ps                       list the app's processes
+    convox exec TARGET COMMAND...   run a command in a running process
+    convox run SERVICE COMMAND...   run a command in a new one-off process of a service
+    convox start [SERVICE [COMMAND...]]
+                                    run the app locally from convox.yml or docker-compose.yml
+
+One file, standard library only, CPython 3.6+.  It speaks the Docker Engine API itself
+(``http.client`` over the engine's UNIX socket, or TCP/TLS), so it works where there is a
+socket but no Docker CLI.
+
+Lifecycle of an attached session (``exec``; ``run`` differs only where noted)::
+
+    POST /containers/ID/exec ........ create the exec (run: POST /containers/create,
+         |                             then attach and POST .../wait before start)
+    POST /exec/EID/start ............ Connection: Upgrade, Upgrade: tcp
+         |  101 Switching Protocols    -- the socket is now a raw byte stream
+         v
+    pump <-----------------------+    stdin -> socket; socket -> stdout/stderr
+     |  SIGWINCH (self-pipe) ----+--> POST /exec/EID/resize on the control connection
+     |  detach keys ------------------> leave it running, status 0
+     |  stdin EOF -------------------> shutdown(SHUT_WR): the process sees EOF
+     v
+    socket EOF
+    GET /exec/EID/json .............. ExitCode (polled briefly while still null)
+
+Without a TTY the stream carries 8-byte frame headers ([stream, 0, 0, 0, size32]) that
+``Demuxer`` splits back into stdout and stderr; with a TTY it is raw terminal bytes.
+"""
+
+import argparse
+import errno
+import http.client
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+__version__ = "0.1.0"
+__all__ = [
+    "main", "build_parser", "ConvoxError", "Engine", "Rack", "parse_rack", "resolve_rack",
+    "Demuxer", "DetachMatcher", "pump", "humanize_since",
+]
+
+
+# ==========================================================================================
+# Constants
+# ==========================================================================================
+
+#: Labels that carry a process's identity (SPEC §3), and the Compose labels read as fallback.
+LABEL_APP = "convox.app"
+LABEL_SERVICE = "convox.service"
+LABEL_RELEASE = "convox.release"
+LABEL_TYPE = "convox.type"
+COMPOSE_PROJECT = "com.docker.compose.project"
+COMPOSE_SERVICE = "com.docker.compose.service"
+COMPOSE_ONEOFF = "com.docker.compose.oneoff"
+
+#: The newest Engine API version this tool knows; the engine's own is used when lower.
+API_VERSION_MAX = "1.45"
+
+#: Where the engine is looked for when no rack is named (SPEC §2), in order.
+DEFAULT_SOCKETS = (
+    "/var/run/docker.sock",
+    "${XDG_RUNTIME_DIR}/podman/podman.sock",
+    "/run/podman/podman.sock",
+)
+
+#: Seconds a control request (anything but a stream, a build or a wait) may take.
+CONTROL_TIMEOUT = 60.0
+
+#: Bytes read from a socket or a local fd at once, and the most held for a slow peer.
+CHUNK = 64 * 1024
+BUFFER_LIMIT = 1024 * 1024
+
+#: Docker's default detach sequence: ctrl-p, ctrl-q.
+DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
+
+#: Exit statuses of run and exec (SPEC §6).
+STATUS_TIMEOUT = 124
+STATUS_FAILED = 125
+STATUS_NOT_EXECUTABLE = 126
+STATUS_NOT_FOUND = 127
+
+DEFAULT_RUN_TIMEOUT = 3600
+STOP_GRACE = 10
+
+
+# ==========================================================================================
+# Errors
+# ==========================================================================================
+
+class ConvoxError(Exception):
+    """Root of every error this tool reports; ``main()`` prints it as one ``ERROR:`` line.
+
+    ``status`` is the exit status when the error decides it (usage 2, timeout 124 ...);
+    ``None`` lets the verb pick (1 for ps/start, 125 for run/exec).
+    """
+    status = None
+
+
+class UsageError(ConvoxError):
+    """The command line is wrong."""
+    status = 2
+
+
+class EngineUnavailable(ConvoxError):
+    """The engine's socket or address cannot be reached."""
+
+
+class EngineError(ConvoxError):
+    """The engine answered with an HTTP error."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+class NotFound(EngineError):
+    """The engine answered 404."""
+
+
+class StreamError(ConvoxError):
+    """The attached stream broke, or carried something that is not the protocol."""
+
+
+class ManifestError(ConvoxError):
+    """A manifest or .env problem; the message starts with FILE:LINE when a line is known."""
+
+
+class TimeoutExpired(ConvoxError):
+    """A one-off process ran past its --timeout."""
+    status = STATUS_TIMEOUT
+
+
+class ExitStatus(Exception):
+    """Not an error: unwinds to ``main()`` with the remote process's exit status."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+# ==========================================================================================
+# Transport
+# ==========================================================================================
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a UNIX socket: only ``connect()`` differs from the base class."""
+
+    def __init__(self, path, timeout=None):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Rack:
+    """Where the engine is: ``kind`` is ``unix``, ``tcp`` or ``tls``; ``address`` a path
+    or a ``(host, port)`` pair; ``url`` is what the user wrote, for messages."""
+
+    def __init__(self, kind, address, url, cert_path=None):
+        self.kind = kind
+        self.address = address
+        self.url = url
+        self.cert_path = cert_path
+
+    def __repr__(self):
+        return "Rack(%r, %r)" % (self.kind, self.address)
+
+    def connection(self, timeout):
+        """A new, not yet connected, ``http.client`` connection to the engine."""
+        if self.kind == "unix":
+            return UnixHTTPConnection(self.address, timeout=timeout)
+        host, port = self.address
+        if self.kind == "tcp":
+            return http.client.HTTPConnection(host, port, timeout=timeout)
+        return http.client.HTTPSConnection(host, port, timeout=timeout,
+                                           context=self.tls_context())
+
+    def tls_context(self):
+        """Client TLS as the Docker CLI does it: ca.pem, cert.pem, key.pem in DOCKER_CERT_PATH."""
+        import ssl  # only TLS racks pay for it
+        folder = self.cert_path or os.path.expanduser("~/.docker")
+        try:
+            context = ssl.create_default_context(cafile=os.path.join(folder, "ca.pem"))
+            context.load_cert_chain(os.path.join(folder, "cert.pem"),
+                                    os.path.join(folder, "key.pem"))
+        except (OSError, ssl.SSLError) as exc:
+            raise EngineUnavailable(
+                "cannot load the TLS certificates in %s (%s) — set DOCKER_CERT_PATH to the "
+                "folder with ca.pem, cert.pem and key.pem" % (folder, exc))
+        return context
+
+
+def parse_rack(url, environ=None):
+    """Parse a rack URL: ``unix:///path``, ``/path``, ``tcp://host:port``."""
+    environ = os.environ if environ is None else environ
+    malformed = UsageError(
+        "malformed rack URL %r — use unix:///path/to/docker.sock or tcp://host:port" % url)
+    if url.startswith("/"):
+        return Rack("unix", url, url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise malformed
+    scheme = scheme.lower()
+    if scheme == "unix":
+        if not rest.startswith("/"):
+            raise malformed
+        return Rack("unix", rest, url)
+    if scheme in ("tcp", "http", "https"):
+        host, _, port = rest.rstrip("/").rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        tls = scheme == "https" or environ.get("DOCKER_TLS_VERIFY", "") not in ("", "0")
+        if not _:
+            host, port = port, "2376" if tls else "2375"
+        if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise malformed
+        return Rack("tls" if tls else "tcp", (host, int(port)), url,
+                    cert_path=environ.get("DOCKER_CERT_PATH"))
+    if scheme == "ssh":
+        raise UsageError("ssh:// racks are not supported yet — use a unix:// or tcp:// rack")
+    raise malformed
+
+
+def resolve_rack(option=None, environ=None, exists=os.path.exists):
+    """Find the engine (SPEC §2): --rack, CONVOX_RACK, DOCKER_HOST, then default sockets."""
+    environ = os.environ if environ is None else environ
+    for url in (option, environ.get("CONVOX_RACK"), environ.get("DOCKER_HOST")):
+        if url:
+            return parse_rack(url, environ)
+    candidates = []
+    for path in DEFAULT_SOCKETS:
+        if "${XDG_RUNTIME_DIR}" in path:
+            if not environ.get("XDG_RUNTIME_DIR"):
+                continue
+            path = path.replace("${XDG_RUNTIME_DIR}", environ["XDG_RUNTIME_DIR"])
+        candidates.append(path)
+        if exists(path):
+            return Rack("unix", path, "unix://" + path)
+    return Rack("unix", candidates[0], "unix://" + candidates[0])
+
+
+def unreachable(rack, exc):
+    """Turn a connection failure into an error that says what to do."""
+    where = rack.url
+    if isinstance(exc, PermissionError):
+        return EngineUnavailable(
+            "permission denied on %s — run as root, or add your user to the group that owns "
+            "the socket (usually: sudo usermod -aG docker $USER, then log in again)" % where)
+    if isinstance(exc, socket.timeout):
+        return EngineUnavailable(
+            "the engine at %s did not answer in time — check that it is healthy" % where)
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)) and rack.kind == "unix":
+        return EngineUnavailable(
+            "cannot reach the engine at %s (%s) — start dockerd, or point --rack, CONVOX_RACK "
+            "or DOCKER_HOST at its socket" % (where, exc.strerror or exc))
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return EngineUnavailable(
+        "cannot reach the engine at %s (%s) — check that it is running and that the rack "
+        "URL is right" % (where, reason))
+
+
+# ==========================================================================================
+# Engine API
+# ==========================================================================================
+
+def _version_tuple(version):
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return (0,)
+
+
+def negotiate_version(server_version, override=None):
+    """The API version to speak: DOCKER_API_VERSION, else min(server's, the newest known)."""
+    if override:
+        return override
+    if not server_version:
+        return "1.24"  # the engine predates the header; 1.24 is Docker 1.12's API
+    return min(server_version, API_VERSION_MAX, key=_version_tuple)
+
+
+def _error_message(body, status, reason):
+    """The engine's message: JSON ``message`` when there is one, else the plain text."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        message = json.loads(text).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return message or text or "%d %s" % (status, reason)
+
+
+class Hijacked:
+    """A raw stream taken over from an HTTP response (101 Switching Protocols)."""
+
+    def __init__(self, sock, early, content_type):
+        self.sock = sock
+        self.early = early            # stream bytes that arrived with the headers
+        self.content_type = content_type
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Engine:
+    """A thin client of the Engine API: methods return decoded JSON.
+
+    Control requests share one keep-alive connection; streams, waits and builds get their
+    own.  ``connections`` counts the sockets opened, so that tests can check reuse.
+    """
+
+    def __init__(self, rack, environ=None):
+        environ = os.environ if environ is None else environ
+        self.rack = rack
+        self.version = environ.get("DOCKER_API_VERSION") or None
+        self.connections = 0
+        self._conn = None
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def connect(self, timeout=CONTROL_TIMEOUT):
+        """A new connected HTTP connection; connection failures become EngineUnavailable."""
+        conn = self.rack.connection(timeout)
+        try:
+            conn.connect()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise unreachable(self.rack, exc)
+        self.connections += 1
+        return conn
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def api_version(self):
+        """Negotiate once per Engine: GET /_ping, header API-Version (SPEC §2)."""
+        if self.version is None:
+            response = self._roundtrip("GET", "/_ping", None, {}, CONTROL_TIMEOUT)
+            self.version = negotiate_version(response[1].get("API-Version"))
+        return self.version
+
+    def url(self, path, query=None):
+        """The versioned URL of an API path, with a query string from a dict."""
+        from urllib.parse import urlencode
+        url = "/v%s%s" % (self.api_version(), path)
+        if query:
+            pairs = [(k, v) for k, v in query.items() if v is not None]
+            pairs = [(k, json.dumps(v) if isinstance(v, dict) else
+                      (str(v).lower() if isinstance(v, bool) else v)) for k, v in pairs]
+            url += "?" + urlencode(pairs)
+        return url
+
+    def _roundtrip(self, method, url, body, headers, timeout):
+        """One request on the keep-alive connection -> (status, headers, body bytes)."""
+        for attempt in (1, 2):
+            fresh = self._conn is None
+            if fresh:
+                self._conn = self.connect(timeout)
+            conn = self._conn
+            conn.sock.settimeout(timeout)
+            try:
+                conn.request(method, url, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                # An idle keep-alive connection the engine closed: the request never reached
+                # it, so one retry on a new connection is safe.
+                self.close()
+                if fresh or attempt == 2:
+                    raise StreamError("the engine closed the connection (%s) — check that "
+                                      "it is healthy and try again" % exc)
+                continue
+            except socket.timeout:
+                self.close()
+                raise EngineUnavailable(
+                    "the engine at %s did not answer %s %s within %d s — check that it is "
+                    "healthy" % (self.rack.url, method, url.split("?")[0], timeout))
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise unreachable(self.rack, exc)
+            if response.will_close:
+                self.close()
+            return response.status, response.headers, data
+
+    def request(self, method, path, query=None, body=None, timeout=CONTROL_TIMEOUT):
+        """Send a control request; return its decoded JSON (or None); raise on HTTP errors."""
+        headers = {}
+        if body is not None:
+            body = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        status, response_headers, data = self._roundtrip(
+            method, self.url(path, query), body, headers, timeout)
+        if status >= 400:
+            message = _error_message(data, status, "")
+            error = NotFound if status == 404 else EngineError
+            raise error(message, status)
+        if not data:
+            return None
+        if "json" not in (response_headers.get("Content-Type") or "json"):
+            return data.decode("utf-8", "replace")
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise EngineError("the engine sent a response that is not JSON for %s %s" %
+                              (method, path))
+
+    def hijack(self, path, body=None, query=None):
+        """POST with ``Upgrade: tcp`` and take over the socket once the engine answers 101.
+
+        ``http.client`` would read ahead into its buffer, so the response head is read here
+        byte-exactly from the socket and whatever follows it is handed back as ``early``.
+        """
+        conn = self.connect()
+        payload = json.dumps(body if body is not None else {}).encode("utf-8")
+        conn.putrequest("POST", self.url(path, query), skip_accept_encoding=True)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Connection", "Upgrade")
+        conn.putheader("Upgrade", "tcp")
+        conn.putheader("Content-Length", str(len(payload)))
+        sock = conn.sock
+        try:
+            conn.endheaders(payload)
+            head, rest = _read_head(sock)
+        except socket.timeout:
+            sock.close()
+            raise EngineUnavailable("the engine did not answer the stream request for %s "
+                                    "within %d s — check that it is healthy"
+                                    % (path, CONTROL_TIMEOUT))
+        except OSError as exc:
+            sock.close()
+            raise StreamError("the engine closed the stream before it started (%s) — try "
+                              "again" % (exc.strerror or exc))
+        conn.sock = None  # the socket is ours now; conn.close() must not close it
+        status, reason, headers = _parse_head(head)
+        content_type = headers.get("Content-Type", "")
+        if status >= 400:
+            data = _read_body(sock, rest, headers)
+            sock.close()
+            error = NotFound if status == 404 else EngineError
+            raise error(_error_message(data, status, reason), status)
+        if status != 101 and not (status == 200 and "vnd.docker" in content_type):
+            sock.close()
+            raise StreamError("the engine answered %d %s instead of switching protocols — "
+                              "is the rack a Docker Engine API?" % (status, reason))
+        sock.settimeout(None)  # a timeout on a quiet stream would look like its end
+        return Hijacked(sock, rest, content_type)
+
+    def send_only(self, method, path, query=None):
+        """Send a request on its own connection and return it unread (for long waits)."""
+        conn = self.connect()
+        conn.sock.settimeout(None)
+        conn.request(method, self.url(path, query), body=b"")
+        return conn
+
+    # -- containers ------------------------------------------------------------------------
+
+    def ping(self):
+        return self.api_version()
+
+    def containers(self, all=True, filters=None):
+        query = {"all": "1" if all else "0"}
+        if filters:
+            query["filters"] = filters
+        return self.request("GET", "/containers/json", query)
+
+    def inspect(self, ident):
+        return self.request("GET", "/containers/%s/json" % ident)
+
+    def create_container(self, config, name=None):
+        return self.request("POST", "/containers/create", {"name": name}, config)
+
+    def start(self, ident):
+        return self.request("POST", "/containers/%s/start" % ident)
+
+    def stop(self, ident, grace=STOP_GRACE):
+        try:
+            return self.request("POST", "/containers/%s/stop" % ident, {"t": grace},
+                                timeout=grace + CONTROL_TIMEOUT)
+        except EngineError as exc:
+            if exc.code != 304:
+                raise
+
+    def kill(self, ident, signal_name="KILL"):
+        return self.request("POST", "/containers/%s/kill" % ident, {"signal": signal_name})
+
+    def remove(self, ident, force=True, missing_ok=True):
+        """Remove a container; a missing one (or one already being removed) is fine."""
+        try:
+            return self.request("DELETE", "/containers/%s" % ident,
+                                {"force": "1" if force else "0", "v": "0"})
+        except EngineError as exc:
+            if not (missing_ok and (exc.code == 404 or
+                                    (exc.code == 409 and "in progress" in str(exc)))):
+                raise
+
+    def resize(self, kind, ident, rows, cols):
+        return self.request("POST", "/%s/%s/resize" % (kind, ident), {"h": rows, "w": cols})
+
+    def connect_network(self, network, ident, aliases=None):
+        body = {"Container": ident, "EndpointConfig": {"Aliases": aliases or None}}
+        return self.request("POST", "/networks/%s/connect" % network, body=body)
+
+    # -- exec ------------------------------------------------------------------------------
+
+    def exec_create(self, ident, config):
+        return self.request("POST", "/containers/%s/exec" % ident, body=config)
+
+    def exec_inspect(self, exec_id):
+        return self.request("GET", "/exec/%s/json" % exec_id)
+
+
+def _read_head(sock):
+    """Read an HTTP response head from a socket; return (head bytes, the bytes after it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(CHUNK)
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "connection closed")
+        data += chunk
+        if len(data) > 1024 * 1024:
+            raise ConnectionResetError(errno.EPROTO, "response head too long")
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _parse_head(head):
+    """Status line and headers of a response head -> (status, reason, headers)."""
+    import email.parser
+    status_line, _, header_block = head.partition(b"\r\n")
+    parts = status_line.decode("latin-1").split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise StreamError("the engine sent a malformed response (%r) — is the rack a Docker "
+                          "Engine API?" % status_line[:60])
+    headers = email.parser.Parser(_class=http.client.HTTPMessage).parsestr(
+        header_block.decode("latin-1") + "\r\n\r\n")
+    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
+
+
+def _read_body(sock, rest, headers):
+    """The rest of a (small) error body after a response head."""
+    length = headers.get("Content-Length")
+    data = rest
+    sock.settimeout(5)
+    try:
+        while length is None or len(data) < int(length):
+            chunk = sock.recv(CHUNK)
+            if not chunk:
+                break
+            data += chunk
+    except (OSError, ValueError):
+        pass
+    if "chunked" in (headers.get("Transfer-Encoding") or ""):
+        data = _dechunk(data)
+    return data
+
+
+def _dechunk(data):
+    out = b""
+    while data:
+        size, _, data = data.partition(b"\r\n")
+        try:
+            size = int(size.split(b";")[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out, data = out + data[:size], data[size + 2:]
+    return out
+
+
+# ==========================================================================================
+# Streams
+# ==========================================================================================
+
+class Demuxer:
+    """Split Docker's multiplexed stream ([stream, 0, 0, 0, size32] + payload) incrementally.
+
+    ``feed(data)`` returns ``[(fd_index, bytes), ...]`` with 1 = stdout, 2 = stderr; frames
+    may be split anywhere across calls.  Stream 0 (stdin echo) goes to stdout as in Docker's
+    stdcopy; stream 3 carries an engine error; anything else is a protocol error.
+    """
+
+    def __init__(self):
+        self._pending = bytearray()
+        self._stream = None
+        self._left = 0
+
+    def feed(self, data):
+        out = []
+        view = memoryview(data)
+        while len(view):
+            if self._left:
+                piece = view[:self._left]
+                self._left -= len(piece)
+                view = view[len(piece):]
+                if self._stream == 3:
+                    self._pending += piece
+                    if not self._left:
+                        raise StreamError("the engine reported: %s" % bytes(
+                            self._pending).decode("utf-8", "replace").strip())
+                else:
+                    out.append((self._stream, bytes(piece)))
+                continue
+            need = 8 - len(self._pending)
+            self._pending += view[:need]
+            view = view[need:]
+            if len(self._pending) < 8:
+                break
+            header = bytes(self._pending)
+            self._pending = bytearray()
+            stream = header[0]
+            if stream not in (0, 1, 2, 3) or header[1:4] != b"\0\0\0":
+                raise StreamError("the engine sent a malformed stream frame header %r — the "
+                                  "output is incomplete" % header)
+            self._stream = 1 if stream == 0 else stream
+            self._left = int.from_bytes(header[4:8], "big")
+        return out
+
+    def partial(self):
+        """True when the stream stopped inside a frame."""
+        return bool(self._pending) or self._left > 0
+
+
+def parse_detach_keys(spec):
+    """Docker's --detach-keys format ("ctrl-p,ctrl-q", "ctrl-@", "a") -> bytes."""
+    keys = bytearray()
+    for part in spec.split(","):
+        part = part.strip()
+        if len(part) == 1:
+            keys.append(ord(part))
+            continue
+        name = part.lower()
+        if not name.startswith("ctrl-") or len(name) != 6:
+            raise UsageError("invalid detach keys %r — use a comma-separated list like "
+                             "ctrl-p,ctrl-q (a-z, @, [, \\, ], ^, _ after ctrl-)" % spec)
+        char = name[5]
+        if "a" <= char <= "z":
+            keys.append(ord(char) - ord("a") + 1)
+        elif char in "@[\\]^_":
+            keys.append("@[\\]^_".index(char) + (0 if char == "@" else 26))
+        else:
+            raise UsageError("invalid detach keys %r — ctrl- takes a-z, @, [, \\, ], ^ or _"
+                             % spec)
+    return bytes(keys)
+
+
+class DetachMatcher:
+    """Find the detach sequence in keystrokes that may arrive split across reads.
+
+    A possible start of the sequence is held back until it is complete (detach) or broken
+    (the held bytes are sent after all), as Docker's own proxy does.
+    """
+
+    def __init__(self, keys):
+        self.keys = keys
+        self._held = b""
+
+    def feed(self, data):
+        """-> (bytes to send now, True when the sequence is complete)."""
+        if not self.keys:
+            return data, False
+        out = bytearray()
+        for byte in bytearray(data):
+            candidate = self._held + bytes((byte,))
+            if self.keys.startswith(candidate):
+                if candidate == self.keys:
+                    return bytes(out), True
+                self._held = candidate
+                continue
+            # A broken prefix: flush it, but its tail may start a new match.
+            out += self._held
+            self._held = b""
+            if self.keys.startswith(bytes((byte,))):
+                self._held = bytes((byte,))
+                if self._held == self.keys:
+                    return bytes(out), True
+            else:
+                out.append(byte)
+        return bytes(out), False
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while len(view):
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[written:]
+
+
+def _half_close(sock):
+    """Tell the engine there is no more input (Docker's CloseWrite)."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None,
+         on_signal=None, detach_keys=b"", deadline=None):
+    """Copy bytes both ways between local fds and a hijacked stream until it ends.
+
+    Returns ``"eof"`` (the engine closed the stream), ``"detached"``, ``"broken-pipe"``
+    (our stdout went away), ``"timeout"`` (``deadline``, a ``time.monotonic()`` value,
+    passed) or whatever ``on_signal(signum)`` returned when it returned something.
+    The local stdout is written blocking: a slow reader slows the engine through TCP flow
+    control instead of losing output.  Input to the engine is buffered and sent
+    non-blocking, so a process that stops reading its stdin never stalls its output.
+    """
+    sock = stream.sock
+    sock.setblocking(False)
+    demux = None if tty else Demuxer()
+    matcher = DetachMatcher(detach_keys) if detach_keys else None
+    to_engine = bytearray()
+    stdin_open = stdin_fd is not None
+    outputs = {1: stdout_fd, 2: stderr_fd}
+
+    def deliver(data):
+        if demux is None:
+            _write_all(stdout_fd, data)
+            return
+        for index, payload in demux.feed(data):
+            _write_all(outputs[index], payload)
+
+    try:
+        if stream.early:
+            deliver(stream.early)
+        if not stdin_open:
+            _half_close(sock)
+        while True:
+            readable = [sock]
+            if stdin_open and len(to_engine) < BUFFER_LIMIT:
+                readable.append(stdin_fd)
+            if signal_fd is not None:
+                readable.append(signal_fd)
+            timeout = None
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+            ready, writable, _ = select.select(readable, [sock] if to_engine else [], [],
+                                               timeout)
+            if not ready and not writable:
+                return "timeout"
+            if signal_fd is not None and signal_fd in ready:
+                for signum in _drain_signals(signal_fd):
+                    outcome = on_signal(signum) if on_signal else None
+                    if outcome:
+                        return outcome
+            if writable:
+                try:
+                    sent = sock.send(to_engine)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    # The engine stopped taking input (process gone); output may remain.
+                    sent, stdin_open = len(to_engine), False
+                del to_engine[:sent]
+                if not to_engine and not stdin_open:
+                    _half_close(sock)
+            if stdin_open and stdin_fd in ready:
+                try:
+                    data = os.read(stdin_fd, CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                except OSError:
+                    data = b""
+                if data == b"":
+                    stdin_open = False
+                    if not to_engine:
+                        _half_close(sock)
+                elif data:
+                    if matcher is not None:
+                        data, detached = matcher.feed(data)
+                        to_engine += data
+                        if detached:
+                            return "detached"
+                    else:
+                        to_engine += data
+            if sock in ready:
+                try:
+                    data = sock.recv(CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    if demux is not None and demux.partial():
+                        raise StreamError("the stream from the engine ended inside a frame — "
+                                          "the output is incomplete")
+                    return "eof"
+                deliver(data)
+    except BrokenPipeError:
+        return "broken-pipe"
+
+
+def _drain_signals(fd):
+    try:
+        return bytearray(os.read(fd, 512))
+    except (BlockingIOError, InterruptedError):
+        return bytearray()
+
+
+# ==========================================================================================
+# Terminal
+# ==========================================================================================
+
+def raw_attributes(attributes):
+    """The termios attributes of raw mode (cfmakeraw), computed apart from applying them."""
+    import termios
+    attrs = list(attributes)
+    attrs[6] = list(attrs[6])
+    attrs[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP |
+                  termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+    attrs[1] &= ~termios.OPOST
+    attrs[2] &= ~(termios.CSIZE | termios.PARENB)
+    attrs[2] |= termios.CS8
+    attrs[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG |
+                  termios.IEXTEN)
+    attrs[6][termios.VMIN] = 1
+    attrs[6][termios.VTIME] = 0
+    return attrs
+
+
+class RawTerminal:
+    """Context manager: the terminal on ``fd`` in raw mode, restored on every way out."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.saved = None
+
+    def __enter__(self):
+        import termios
+        self.saved = termios.tcgetattr(self.fd)
+        termios.tcsetattr(self.fd, termios.TCSANOW, raw_attributes(self.saved))
+        return self
+
+    def __exit__(self, *exc):
+        import termios
+        try:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+        except termios.error:
+            pass  # the terminal is gone (hang-up): nothing left to restore
+        return False
+
+
+def terminal_size(fd):
+    """(rows, cols) of the terminal on fd, or None."""
+    import fcntl
+    import struct
+    import termios
+    try:
+        rows, cols = struct.unpack("hhhh", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+    except OSError:
+        return None
+    return (rows, cols) if rows and cols else None
+
+
+class SignalPipe:
+    """Context manager: the given signals arrive as bytes on ``fd`` (a self-pipe fed by
+    ``signal.set_wakeup_fd``), so that the pump loop handles them, never a handler.
+
+    Outside the main thread signals cannot be caught; ``fd`` is then None.
+    """
+
+    def __init__(self, signums):
+        self.signums = signums
+        self.fd = None
+        self._write_fd = None
+        self._saved = {}
+        self._saved_wakeup = None
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self.fd, self._write_fd = os.pipe()
+        for fd in (self.fd, self._write_fd):
+            os.set_blocking(fd, False)
+        self._saved_wakeup = signal.set_wakeup_fd(self._write_fd)
+        for signum in self.signums:
+            # A Python-level handler is needed for the C handler to write to the pipe.
+            self._saved[signum] = signal.signal(signum, _note_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in reversed(list(self._saved.items())):
+            signal.signal(signum, handler)
+        if self.fd is not None:
+            signal.set_wakeup_fd(self._saved_wakeup)
+            os.close(self.fd)
+            os.close(self._write_fd)
+        return False
+
+
+def _note_signal(signum, frame):
+    """Handler for signals that SignalPipe delivers through its pipe: nothing to do here."""
+
+
+# ==========================================================================================
+# Apps and processes
+# ==========================================================================================
+
+def identity(labels):
+    """(app, service, release, type) of a container from its Convox or Compose labels."""
+    labels = labels or {}
+    app = labels.get(LABEL_APP) or labels.get(COMPOSE_PROJECT) or ""
+    service = labels.get(LABEL_SERVICE) or labels.get(COMPOSE_SERVICE) or ""
+    release = labels.get(LABEL_RELEASE) or ""
+    kind = labels.get(LABEL_TYPE)
+    if not kind:
+        kind = "process" if labels.get(COMPOSE_ONEOFF, "").lower() == "true" else "service"
+    return app, service, release, kind
+
+
+def normalize_app_name(name):
+    """The app name Convox infers from a folder name: lower-case, '_' and '.' become '-'."""
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def resolve_app(option=None, environ=None, cwd=None):
+    """-> (app, inferred): -a, CONVOX_APP, .convox/app, then the current folder's name."""
+    environ = os.environ if environ is None else environ
+    if option:
+        return option, False
+    if environ.get("CONVOX_APP"):
+        return environ["CONVOX_APP"], False
+    cwd = cwd or os.getcwd()
+    try:
+        with open(os.path.join(cwd, ".convox", "app")) as handle:
+            name = handle.read().strip()
+        if name:
+            return name, False
+    except OSError:
+        pass
+    return normalize_app_name(os.path.basename(os.path.abspath(cwd)) or "root"), True
+
+
+def command_words(words):
+    """The argv rule (SPEC §5): words go as a list; one word with whitespace runs in sh -c."""
+    if len(words) == 1 and any(char.isspace() for char in words[0]):
+        return ["sh", "-c", words[0]]
+    return list(words)
+
+
+def status_text(state):
+    """The STATUS column: running, exited (N), created, paused, restarting, dead ..."""
+    status = state.get("Status") or ("running" if state.get("Running") else "unknown")
+    if status == "exited":
+        return "exited (%d)" % state.get("ExitCode", 0)
+    return status
+
+
+class Process:
+    """One container seen as a Convox process."""
+
+    def __init__(self, info):
+        self.info = info
+        config = info.get("Config") or {}
+        self.id = info["Id"]
+        self.app, self.service, self.release, self.type = identity(config.get("Labels"))
+        state = info.get("State") or {}
+        self.running = bool(state.get("Running"))
+        self.status = status_text(state)
+        self.exit_code = None if self.running else state.get("ExitCode")
+        memory = (info.get("HostConfig") or {}).get("Memory") or 0
+        self.size = memory // (1024 * 1024) if memory else None
+        started = state.get("StartedAt") or ""
+        self.started = None if started.startswith("0001-") else started or None
+        self.command = [info.get("Path") or ""] + list(info.get("Args") or [])
+        if self.command == [""]:
+            self.command = []
+        self.image = config.get("Image") or info.get("Image") or ""
+        self.created = info.get("Created") or ""
+
+    def as_json(self):
+        return {
+            "id": self.id, "name": self.service, "app": self.app,
+            "release": self.release or None, "size": self.size, "started": self.started,
+            "status": self.status, "exit_code": self.exit_code, "command": self.command,
+            "type": self.type,
+        }
+
+
+class Apps:
+    """The engine's containers grouped by app; a list of all containers, read once."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.summaries = engine.containers(all=True)
+
+    def names(self):
+        return sorted({identity(c.get("Labels"))[0] for c in self.summaries} - {""})
+
+    def summaries_of(self, app, service=None, running_only=False):
+        found = []
+        for summary in self.summaries:
+            c_app, c_service, _, _ = identity(summary.get("Labels"))
+            if c_app != app or (service is not None and c_service != service):
+                continue
+            if running_only and summary.get("State") != "running":
+                continue
+            found.append(summary)
+        return found
+
+    def services(self, app):
+        return sorted({identity(c.get("Labels"))[1] for c in self.summaries_of(app)} - {""})
+
+    def require_app(self, app, inferred):
+        """Raise a helpful error when nothing carries this app's name."""
+        if self.summaries_of(app):
+            return
+        names = self.names()
+        where = " (from the current directory)" if inferred else ""
+        here = ("apps here: %s" % ", ".join(names)) if names else "no apps here"
+        raise ConvoxError('no processes for app "%s"%s; %s — use -a APP' % (app, where, here))
+
+    def processes(self, app, service=None, running_only=False):
+        """Inspect each matching container (over the one keep-alive connection)."""
+        result = []
+        for summary in self.summaries_of(app, service, running_only):
+            try:
+                result.append(Process(self.engine.inspect(summary["Id"])))
+            except NotFound:
+                continue  # removed between the list and the inspect
+        return result
+
+
+def find_process(engine, app, ident):
+    """A container by ID, ID prefix or name, checked to be a process of ``app``."""
+    try:
+        process = Process(engine.inspect(ident))
+    except NotFound:
+        raise ConvoxError("no such process: %s (app %s) — see convox ps" % (ident, app))
+    if process.app != app:
+        owner = ('it belongs to app "%s"' % process.app) if process.app else \
+            "it belongs to no app"
+        raise ConvoxError("process %s is not part of app %s (%s) — use -a APP" %
+                          (ident, app, owner))
+    return process
+
+
+# -- humanised times (go-humanize's RelTime, as Convox prints them) -------------------------
+
+_DAY = 86400
+_WEEK = 7 * _DAY
+_MONTH = 30 * _DAY
+_YEAR = 12 * _MONTH
+#: (below this many seconds, text, divide by) -- go-humanize's defaultMagnitudes.
+_MAGNITUDES = (
+    (1, "now", None),
+    (2, "1 second %s", 0),
+    (60, "%d seconds %s", 1),
+    (120, "1 minute %s", 0),
+    (3600, "%d minutes %s", 60),
+    (7200, "1 hour %s", 0),
+    (_DAY, "%d hours %s", 3600),
+    (2 * _DAY, "1 day %s", 0),
+    (_WEEK, "%d days %s", _DAY),
+    (2 * _WEEK, "1 week %s", 0),
+    (_MONTH, "%d weeks %s", _WEEK),
+    (2 * _MONTH, "1 month %s", 0),
+    (_YEAR, "%d months %s", _MONTH),
+    (18 * _MONTH, "1 year %s", 0),
+    (2 * _YEAR, "2 years %s", 0),
+    (37 * _YEAR, "%d years %s", _YEAR),
+)
+
+
+def humanize_since(seconds):
+    """Seconds elapsed -> '5 days ago' with go-humanize's thresholds (integer truncation)."""
+    label = "ago"
+    if seconds < 0:
+        seconds, label = -seconds, "from now"
+    for limit, text, divide in _MAGNITUDES:
+        if seconds < limit:
+            if divide is None:
+                return text
+            if divide == 0:
+                return text % label
+            return text % (int(seconds // divide), label)
+    return "a long while %s" % label
+
+
+def parse_timestamp(text):
+    """RFC 3339 (with nanoseconds, as the engine writes) -> POSIX seconds, or None."""
+    import calendar
+    if not text or text.startswith("0001-"):
+        return None
+    main_part, _, rest = text.partition(".")
+    fraction, offset = 0.0, 0
+    zone = rest if rest else main_part[19:]
+    main_part = main_part[:19]
+    digits = ""
+    for index, char in enumerate(zone):
+        if char.isdigit():
+            digits += char
+            continue
+        if char in "+-":
+            sign = 1 if char == "+" else -1
+            hours, _, minutes = zone[index + 1:].partition(":")
+            offset = sign * (int(hours or 0) * 3600 + int(minutes or 0) * 60)
+        break
+    if digits:
+        fraction = float("0." + digits)
+    try:
+        parsed = time.strptime(main_part, "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return None
+    return calendar.timegm(parsed) + fraction - offset
+
+
+def format_table(headers, rows):
+    """Left-aligned columns two spaces apart, the last one unpadded (Convox's tables)."""
+    rows = [list(map(str, row)) for row in rows]
+    widths = [max([len(headers[i])] + [len(row[i]) for row in rows])
+              for i in range(len(headers))]
+    lines = []
+    for row in [list(headers)] + rows:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def shell_join(words):
+    import shlex
+    return " ".join(shlex.quote(word) for word in words)
+
+
+# ==========================================================================================
+# Commands
+# ==========================================================================================
+
+class Context:
+    """What every verb needs: the engine, the app and the standard streams."""
+
+    def __init__(self, args, environ=None, stdin=None, stdout=None, stderr=None):
+        self.args = args
+        self.environ = os.environ if environ is None else environ
+        self.stdin = stdin if stdin is not None else sys.stdin
+        self.stdout = stdout if stdout is not None else sys.stdout
+        self.stderr = stderr if stderr is not None else sys.stderr
+        self._engine = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = Engine(resolve_rack(getattr(self.args, "rack", None), self.environ),
+                                  self.environ)
+        return self._engine
+
+    def app(self):
+        return resolve_app(getattr(self.args, "app", None), self.environ)
+
+    def out(self, text):
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def close(self):
+        if self._engine is not None:
+            self._engine.close()
+
+
+def cmd_ps(ctx):
+    """convox ps [info ID | stop ID]"""
+    args = ctx.args
+    words = args.words
+    if words and words[0] in ("info", "stop"):
+        if len(words) != 2:
+            raise UsageError("ps %s takes one process ID — convox ps %s ID" % (words[0], words[0]))
+        return ps_info(ctx, words[1]) if words[0] == "info" else ps_stop(ctx, words[1])
+    if words:
+        raise UsageError("unknown ps command %r — use convox ps, ps info ID or ps stop ID"
+                         % words[0])
+    app, inferred = ctx.app()
+    apps = Apps(ctx.engine)
+    apps.require_app(app, inferred)
+    # -s lists every process of the service, one-offs and stopped ones included.
+    processes = apps.processes(app, args.service, running_only=not (args.all or args.service))
+    if args.release:
+        processes = [p for p in processes if p.release == args.release]
+    processes.sort(key=lambda p: (p.service, p.id))
+    if args.format == "json":
+        ctx.out(json.dumps([p.as_json() for p in processes], indent=2) + "\n")
+        return 0
+    now = time.time()
+    headers = ["ID", "NAME"] + (["STATUS"] if args.all else []) + \
+        ["RELEASE", "SIZE", "STARTED", "COMMAND"]
+    rows = []
+    for p in processes:
+        started = parse_timestamp(p.started)
+        row = [p.id[:12], p.service or "-"] + ([p.status] if args.all else [])
+        row += [p.release or "-", "-" if p.size is None else p.size,
+                "-" if started is None else humanize_since(now - started),
+                shell_join(p.command)]
+        rows.append(row)
+    ctx.out(format_table(headers, rows))
+    return 0
+
+
+def ps_info(ctx, ident):
+    app, _ = ctx.app()
+    p = find_process(ctx.engine, app, ident)
+    started = parse_timestamp(p.started)
+    fields = [
+        ("Id", p.id), ("App", p.app), ("Name", p.service), ("Release", p.release or "-"),
+        ("Size", "-" if p.size is None else p.size), ("Status", p.status),
+        ("Started", "-" if started is None else humanize_since(time.time() - started)),
+        ("Command", shell_join(p.command)), ("Image", p.image),
+    ]
+    width = max(len(key) for key, _ in fields)
+    ctx.out("".join("%s  %s\n" % (key.ljust(width), value) for key, value in fields))
+    return 0
+
+
+def ps_stop(ctx, ident):
+    app, _ = ctx.app()
+    p = find_process(ctx.engine, app, ident)
+    ctx.out("Stopping %s... " % ident)
+    ctx.engine.stop(p.id)
+    if p.type == "process":
+        ctx.engine.remove(p.id)
+    ctx.out("OK\n")
+    return 0
+
+
+# ==========================================================================================
+# CLI
+# ==========================================================================================
+
+VERBS = ("ps", "exec", "run", "start")
+
+
+def _common_options(parser, suppress):
+    """-a/--app and -r/--rack, accepted before the verb and among its options (SPEC §1)."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("-a", "--app", default=default, help="app name (default: inferred)")
+    parser.add_argument("-r", "--rack", default=default,
+                        help="engine URL: unix:///path, /path or tcp://host:port")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so main() owns the status."""
+
+    def error(self, message):
+        raise UsageError("%s — see %s --help" % (message, self.prog))
+
+
+def build_parser():
+    """The argparse tree of every verb."""
+    parser = _Parser(prog="convox", description="Convox's one-off commands for any host "
+                     "with a Docker Engine API socket.")
+    parser.add_argument("--version", action="version", version="convox.py " + __version__)
+    _common_options(parser, suppress=False)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    ps = verbs.add_parser("ps", help="list the app's processes (ps info ID, ps stop ID)")
+    _common_options(ps, suppress=True)
+    ps.add_argument("-s", "--service", help="only this service (one-offs included)")
+    ps.add_argument("--release", help="only this release")
+    ps.add_argument("--all", action="store_true", help="stopped processes too")
+    ps.add_argument("--format", choices=("table", "json"), default="table")
+    ps.add_argument("words", nargs="*", metavar="info|stop ID", help=argparse.SUPPRESS)
+    ps.set_defaults(handler=cmd_ps)
+    return parser
+
+
+def main(argv=None, environ=None):
+    """Run the CLI; return the exit status (only the __main__ guard exits)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    environ = os.environ if environ is None else environ
+    verb = None
+    ctx = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        verb = args.verb
+        if verb is None:
+            parser.print_help()
+            return 2
+        ctx = Context(args, environ)
+        return args.handler(ctx)
+    except ExitStatus as exc:
+        return exc.status
+    except KeyboardInterrupt:
+        return _report(environ, "interrupted", 130)
+    except ConvoxError as exc:
+        status = exc.status
+        if status is None:
+            status = STATUS_FAILED if verb in ("exec", "run") else 1
+        return _report(environ, str(exc), status)
+    except BrokenPipeError:
+        return 141  # our stdout went away (| head): end quietly, as a shell pipeline does
+    except Exception as exc:  # a bug: still one line, the traceback only when asked
+        return _report(environ, "%s: %s — set CONVOX_DEBUG=1 for details and report it" %
+                       (type(exc).__name__, exc), STATUS_FAILED if verb in ("exec", "run")
+                       else 1)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _report(environ, message, status):
+    if environ.get("CONVOX_DEBUG"):
+        import traceback
+        traceback.print_exc()
+    try:
+        sys.stderr.write("ERROR: %s\n" % message)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
