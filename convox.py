@@ -312,6 +312,7 @@ class Hijacked:
         self.sock = sock
         self.early = early            # stream bytes that arrived with the headers
         self.content_type = content_type
+        self.first_output = b""       # the start of the output, where engine errors show
 
     def close(self):
         try:
@@ -468,7 +469,6 @@ class Engine:
     def send_only(self, method, path, query=None):
         """Send a request on its own connection and return it unread (for long waits)."""
         conn = self.connect()
-        conn.sock.settimeout(None)
         conn.request(method, self.url(path, query), body=b"")
         return conn
 
@@ -738,6 +738,8 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
     outputs = {1: stdout_fd, 2: stderr_fd}
 
     def deliver(data):
+        if len(stream.first_output) < 512:
+            stream.first_output += data[:512]
         if demux is None:
             _write_all(stdout_fd, data)
             return
@@ -802,16 +804,22 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
                     data = sock.recv(CHUNK)
                 except (BlockingIOError, InterruptedError):
                     continue
-                except ConnectionResetError:
+                except (ConnectionResetError, ConnectionAbortedError):
                     data = b""
+                except OSError as exc:
+                    raise StreamError("the stream from the engine broke (%s)" %
+                                      (exc.strerror or exc))
                 if not data:
                     if demux is not None and demux.partial():
                         raise StreamError("the stream from the engine ended inside a frame — "
                                           "the output is incomplete")
                     return "eof"
                 deliver(data)
-    except BrokenPipeError:
-        return "broken-pipe"
+    except OSError as exc:
+        # Our stdout went away: a closed pipe (| head), or a hung-up terminal (EIO).
+        if exc.errno in (errno.EPIPE, errno.EIO):
+            return "broken-pipe"
+        raise
 
 
 def _drain_signals(fd):
@@ -1060,6 +1068,143 @@ def find_process(engine, app, ident):
     return process
 
 
+def newest(summaries):
+    """The newest container summary (by creation time), or None."""
+    return max(summaries, key=lambda s: (s.get("Created") or 0, s["Id"]), default=None)
+
+
+def service_template(engine, apps, app, service):
+    """Inspect of the container a one-off of ``service`` copies: the newest running one of
+    the service, else its newest of any state (services before earlier one-offs)."""
+    candidates = apps.summaries_of(app, service)
+    if not candidates:
+        return None
+    services = [s for s in candidates if identity(s.get("Labels"))[3] == "service"]
+    pool = services or candidates
+    running = [s for s in pool if s.get("State") == "running"]
+    return engine.inspect(newest(running or pool)["Id"])
+
+
+def release_image(engine, apps, app, service, release):
+    """The image of release R of a service: from any container of it, or a labelled image."""
+    for summary in apps.summaries_of(app, service):
+        if identity(summary.get("Labels"))[2] == release:
+            return summary["ImageID"] if summary.get("ImageID") else summary["Image"]
+    labels = ["%s=%s" % (LABEL_APP, app), "%s=%s" % (LABEL_SERVICE, service),
+              "%s=%s" % (LABEL_RELEASE, release)]
+    images = engine.request("GET", "/images/json", {"filters": {"label": labels}}) or []
+    if images:
+        return max(images, key=lambda i: i.get("Created") or 0)["Id"]
+    known = sorted({identity(s.get("Labels"))[2] for s in apps.summaries_of(app, service)}
+                   - {""})
+    raise ConvoxError("no such release: %s (app %s, service %s)%s — see convox ps --all" %
+                      (release, app, service,
+                       "; releases: " + ", ".join(known) if known else ""))
+
+
+def _mount_binds(template):
+    """The service's mounts as Binds strings (named volumes, anonymous ones, host paths)."""
+    binds = []
+    for mount in template.get("Mounts") or []:
+        source = mount.get("Name") if mount.get("Type") == "volume" else mount.get("Source")
+        if mount.get("Type") not in ("bind", "volume") or not source:
+            continue
+        bind = "%s:%s" % (source, mount["Destination"])
+        if not mount.get("RW", True):
+            bind += ":ro"
+        binds.append(bind)
+    return binds
+
+
+def one_off_config(template, command, *, app, service, image=None, env=(), memory=None,
+                   entrypoint=True, tty=False, stdin=False, detach=False, console=None):
+    """The create body of a one-off process of a service (SPEC §6), and the extra networks
+    to connect before start: ``(config, [(network, aliases), ...])``.
+
+    It copies the service's image, environment, working directory, user, mounts, networks
+    with aliases, DNS, extra hosts and memory limit; not its ports, name or restart policy.
+    """
+    config = template.get("Config") or {}
+    host = template.get("HostConfig") or {}
+    release = identity(config.get("Labels"))[2]
+    body = {
+        "Image": image or template.get("Image") or config.get("Image"),
+        "Cmd": command,
+        "Env": list(config.get("Env") or []) + list(env),
+        "WorkingDir": config.get("WorkingDir") or "",
+        "User": config.get("User") or "",
+        "Labels": {LABEL_APP: app, LABEL_SERVICE: service, LABEL_RELEASE: release,
+                   LABEL_TYPE: "process"},
+        "Tty": tty,
+        "OpenStdin": stdin,
+        "StdinOnce": stdin,
+        "AttachStdin": stdin,
+        "AttachStdout": not detach,
+        "AttachStderr": not detach,
+    }
+    if not entrypoint:
+        body["Entrypoint"] = [""]  # an empty entrypoint resets the image's (Docker API)
+    elif image is None and config.get("Entrypoint"):
+        body["Entrypoint"] = config["Entrypoint"]
+    memory_bytes = memory * 1024 * 1024 if memory else host.get("Memory") or 0
+    host_config = {
+        "Binds": _mount_binds(template) or None,
+        "Tmpfs": host.get("Tmpfs") or None,
+        "NetworkMode": host.get("NetworkMode") or "default",
+        "Dns": host.get("Dns") or None,
+        "DnsSearch": host.get("DnsSearch") or None,
+        "DnsOptions": host.get("DnsOptions") or None,
+        "ExtraHosts": host.get("ExtraHosts") or None,
+        "CapAdd": host.get("CapAdd") or None,
+        "CapDrop": host.get("CapDrop") or None,
+        "Privileged": bool(host.get("Privileged")),
+        "Memory": memory_bytes,
+        # An init process as PID 1 passes signals on and reaps: a one-off's command then
+        # dies of SIGINT/SIGTERM as it would in a shell (PID 1 ignores them otherwise).
+        "Init": True,
+        "AutoRemove": not detach,
+    }
+    if memory_bytes and host.get("MemorySwap") and not memory:
+        host_config["MemorySwap"] = host["MemorySwap"]
+    if console:
+        host_config["ConsoleSize"] = list(console)
+    body["HostConfig"] = host_config
+    networks = []
+    mode = host_config["NetworkMode"]
+    if not mode.startswith("container:") and mode not in ("host", "none"):
+        short_id = template.get("Id", "")[:12]
+        for name, endpoint in sorted(((template.get("NetworkSettings") or {})
+                                      .get("Networks") or {}).items(),
+                                     key=lambda item: item[0] != mode):
+            aliases = [a for a in (endpoint or {}).get("Aliases") or [] if a != short_id]
+            networks.append((name, aliases))
+    if networks:
+        first, aliases = networks[0]
+        body["NetworkingConfig"] = {"EndpointsConfig": {first: {"Aliases": aliases or None}}}
+        if mode in ("default", "bridge") and first != "bridge":
+            host_config["NetworkMode"] = first
+    return body, networks[1:]
+
+
+def find_target(engine, apps, app, target):
+    """exec's TARGET: a running process of service TARGET of the app, else a container by
+    ID, ID prefix or name."""
+    running = apps.summaries_of(app, target, running_only=True)
+    if running:
+        return newest(running)["Id"]
+    try:
+        info = engine.inspect(target)
+    except NotFound:
+        services = apps.services(app)
+        raise ConvoxError("no such process or service: %s (app %s)%s — see convox ps" %
+                          (target, app, "; services: " + ", ".join(services)
+                           if services else ""))
+    if not (info.get("State") or {}).get("Running"):
+        raise ConvoxError("process %s is not running (%s) — see convox ps --all" %
+                          (target, status_text(info.get("State") or {})))
+    return info["Id"]
+
+
 # -- humanised times (go-humanize's RelTime, as Convox prints them) -------------------------
 
 _DAY = 86400
@@ -1160,6 +1305,7 @@ class Context:
         self.stdin = stdin if stdin is not None else sys.stdin
         self.stdout = stdout if stdout is not None else sys.stdout
         self.stderr = stderr if stderr is not None else sys.stderr
+        self.stdio = Stdio()
         self._engine = None
 
     @property
@@ -1244,6 +1390,353 @@ def ps_stop(ctx, ident):
     return 0
 
 
+class Stdio:
+    """The local ends of a session: fds, so that tests can hand in pipes or a pty."""
+
+    def __init__(self, stdin_fd=0, stdout_fd=1, stderr_fd=2):
+        self.stdin_fd = stdin_fd if _fd_usable(stdin_fd) else None
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
+
+    def wants_tty(self, forced):
+        """SPEC §5: a TTY when stdin and stdout are both terminals, unless forced."""
+        if forced is not None:
+            return forced
+        return self.stdin_fd is not None and os.isatty(self.stdin_fd) and \
+            os.isatty(self.stdout_fd)
+
+    def terminal_fd(self):
+        """The fd whose terminal is made raw and measured, when there is one."""
+        for fd in (self.stdin_fd, self.stdout_fd):
+            if fd is not None and os.isatty(fd):
+                return fd
+        return None
+
+
+def _fd_usable(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except (OSError, TypeError):
+        return False
+
+
+#: Signals a session takes through its self-pipe.
+SESSION_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGWINCH")
+
+
+def session(stream, stdio, *, tty, resize=None, detach_keys=b"", forward=None,
+            deadline=None):
+    """Run an attached session: raw terminal, resizes, signals, then the pump.
+
+    ``resize(rows, cols)`` is called at start and on every SIGWINCH (from the loop, never
+    from a handler).  ``forward(signum)`` passes SIGINT/SIGTERM/SIGHUP to the process (run);
+    without it such a signal ends the session as ``("signal", signum)`` (exec).
+    Returns what ``pump`` returned.
+    """
+    import contextlib
+    terminal = stdio.terminal_fd() if tty else None
+    signums = [getattr(signal, name) for name in SESSION_SIGNALS]
+
+    def on_signal(signum):
+        if signum == signal.SIGWINCH:
+            if terminal is not None and resize is not None:
+                size = terminal_size(terminal)
+                if size:
+                    _quietly(resize, *size)
+            return None
+        if forward is not None:
+            forward(signum)
+            return None
+        return ("signal", signum)
+
+    with contextlib.ExitStack() as stack:
+        pipe = stack.enter_context(SignalPipe(signums))
+        if terminal is not None and stdio.stdin_fd is not None and \
+                os.isatty(stdio.stdin_fd):
+            stack.enter_context(RawTerminal(stdio.stdin_fd))
+        if terminal is not None and resize is not None:
+            size = terminal_size(terminal)
+            if size:
+                _resize_until_ready(resize, size)
+        return pump(stream, tty=tty, stdin_fd=stdio.stdin_fd, stdout_fd=stdio.stdout_fd,
+                    stderr_fd=stdio.stderr_fd, signal_fd=pipe.fd, on_signal=on_signal,
+                    detach_keys=detach_keys if tty else b"", deadline=deadline)
+
+
+def _quietly(function, *args):
+    try:
+        function(*args)
+    except ConvoxError:
+        pass  # a resize that races the process's end is not worth an error
+
+
+def _resize_until_ready(resize, size):
+    """The first resize can come before the process exists: retry briefly (as Docker does)."""
+    for delay in (0, 0.01, 0.02, 0.05, 0.1, 0.2):
+        time.sleep(delay)
+        try:
+            resize(*size)
+            return
+        except ConvoxError:
+            continue
+
+
+def exit_status(code, first_output=b""):
+    """The status of a process that ended, with the engine's 'cannot run' cases mapped to
+    126/127 as Docker's CLI maps them (SPEC §6)."""
+    if code in (126, 127, None) and first_output:
+        text = first_output.lower()
+        if b"executable file not found" in text or b"no such file or directory" in text:
+            return STATUS_NOT_FOUND
+        if b"permission denied" in text:
+            return STATUS_NOT_EXECUTABLE
+    return code
+
+
+def _start_failure(exc):
+    """A container that could not start: 127/126 when the command was not there/runnable."""
+    status = exit_status(None, str(exc).encode("utf-8"))
+    if status is not None:
+        exc.status = status
+    return exc
+
+
+def cmd_exec(ctx):
+    """convox exec TARGET COMMAND..."""
+    args = ctx.args
+    command = command_words(args.command)
+    if not args.target or not command:
+        raise UsageError("exec needs a process and a command — convox exec TARGET COMMAND...")
+    keys_text = args.detach_keys or DEFAULT_DETACH_KEYS
+    detach_keys = parse_detach_keys(keys_text)
+    engine = ctx.engine
+    app, _ = ctx.app()
+    container = find_target(engine, Apps(engine), app, args.target)
+    stdio = ctx.stdio
+    tty = stdio.wants_tty(args.tty)
+    config = {
+        "AttachStdin": stdio.stdin_fd is not None, "AttachStdout": True,
+        "AttachStderr": True, "Tty": tty, "Cmd": command, "Env": args.env or None,
+        "WorkingDir": args.workdir or "", "User": args.user or "",
+        "DetachKeys": keys_text,
+    }
+    exec_id = engine.exec_create(container, config)["Id"]
+    stream = engine.hijack("/exec/%s/start" % exec_id, {"Detach": False, "Tty": tty})
+    try:
+        outcome = session(stream, stdio, tty=tty, detach_keys=detach_keys,
+                          resize=lambda rows, cols: engine.resize("exec", exec_id, rows, cols))
+    finally:
+        stream.close()
+    if outcome == "detached":
+        return 0
+    if outcome == "broken-pipe":
+        return 141
+    if isinstance(outcome, tuple):
+        return 128 + outcome[1]
+    return exit_status(exec_exit_code(engine, exec_id), stream.first_output)
+
+
+def exec_exit_code(engine, exec_id, patience=5.0):
+    """ExitCode of an exec whose stream ended; polled while the engine catches up."""
+    give_up = time.monotonic() + patience
+    delay = 0.005
+    while True:
+        info = engine.exec_inspect(exec_id)
+        if not info.get("Running") and info.get("ExitCode") is not None:
+            return info["ExitCode"]
+        if time.monotonic() > give_up:
+            raise StreamError("the stream ended but the engine reported no exit status — "
+                              "the process may still be running (see convox ps)")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _container_name(app, service):
+    import binascii
+    stem = "".join(c if c.isalnum() or c in "_.-" else "-" for c in "%s-%s" % (app, service))
+    return "%s-run-%s" % (stem.strip("-_.") or "convox",
+                          binascii.hexlify(os.urandom(4)).decode("ascii"))
+
+
+def cmd_run(ctx):
+    """convox run SERVICE COMMAND..."""
+    args = ctx.args
+    command = command_words(args.command)
+    if not args.target or not command:
+        raise UsageError("run needs a service and a command — convox run SERVICE COMMAND...")
+    if args.timeout is not None and args.timeout < 0:
+        raise UsageError("--timeout must be 0 (none) or a number of seconds")
+    entrypoint = not args.no_entrypoint
+    if args.entrypoint is not None:
+        if args.entrypoint.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise UsageError("--entrypoint takes true or false — use --no-entrypoint to "
+                             "bypass the image's ENTRYPOINT")
+        entrypoint = entrypoint and args.entrypoint.lower() in ("true", "1", "yes")
+    engine = ctx.engine
+    app, inferred = ctx.app()
+    service = args.target
+    apps = Apps(engine)
+    template = service_template(engine, apps, app, service)
+    if template is None:
+        apps.require_app(app, inferred)
+        raise ConvoxError("no such service: %s (app %s); services: %s" %
+                          (service, app, ", ".join(apps.services(app)) or "none"))
+    image = release_image(engine, apps, app, service, args.release) if args.release else None
+    return run_one_off(ctx, template, command, app=app, service=service, image=image,
+                       entrypoint=entrypoint)
+
+
+def run_one_off(ctx, template, command, *, app, service, image=None, entrypoint=True):
+    """Create, attach, start and follow a one-off process; return its exit status.
+
+    Attached, the container is removed when it ends whatever happens (AutoRemove, and a
+    removal by name on every way out: the name is known before create returns, so even
+    Ctrl-C during create leaves nothing).  ``--timeout`` is enforced twice: by this client,
+    and by a watchdog process that outlives it (SIGKILL, a lost terminal).
+    """
+    args = ctx.args
+    engine = ctx.engine
+    stdio = ctx.stdio
+    detach = bool(args.detach)
+    tty = False if detach else stdio.wants_tty(args.tty)
+    terminal = stdio.terminal_fd() if tty else None
+    console = terminal_size(terminal) if terminal is not None else None
+    attach_stdin = not detach and stdio.stdin_fd is not None
+    config, extra_networks = one_off_config(
+        template, command, app=app, service=service, image=image, env=args.env or (),
+        memory=args.memory, entrypoint=entrypoint, tty=tty, stdin=attach_stdin,
+        detach=detach, console=console)
+    name = _container_name(app, service)
+    timeout = DEFAULT_RUN_TIMEOUT if args.timeout is None else args.timeout
+    if detach:
+        try:
+            container = engine.create_container(config, name)["Id"]
+            for network, aliases in extra_networks:
+                engine.connect_network(network, container, aliases)
+            engine.start(container)
+        except BaseException as exc:
+            _quietly(engine.remove, name)
+            raise _start_failure(exc) if isinstance(exc, EngineError) else exc
+        ctx.out("Running detached process... OK, %s\n" % container[:12])
+        return 0
+
+    import contextlib
+    stream = waiter = None
+    detached = False
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: detached or _quietly(engine.remove, name))
+        pending = cleanup.enter_context(SignalPipe(
+            [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")]))
+        container = engine.create_container(config, name)["Id"]
+        for network, aliases in extra_networks:
+            engine.connect_network(network, container, aliases)
+        if timeout:
+            spawn_watchdog(engine, container, timeout)
+        stream = engine.hijack("/containers/%s/attach" % container, query={
+            "stream": 1, "stdin": int(attach_stdin), "stdout": 1, "stderr": 1})
+        cleanup.callback(stream.close)
+        # Set the wait up before start, and read its headers: then the engine is known to
+        # be waiting, so a process that exits at once cannot be missed.
+        waiter = engine.send_only("POST", "/containers/%s/wait" % container,
+                                  {"condition": "next-exit"})
+        cleanup.callback(waiter.close)
+        wait_response = waiter.getresponse()
+        if pending.fd is not None and _drain_signals(pending.fd):
+            raise KeyboardInterrupt  # a signal before start: never start it
+        try:
+            engine.start(container)
+        except EngineError as exc:
+            raise _start_failure(exc)
+        deadline = time.monotonic() + timeout if timeout else None
+        forwarded = []
+
+        def forward(signum):
+            forwarded.append(signum)
+            name_ = "KILL" if forwarded.count(signum) > 1 else signal.Signals(signum).name
+            _quietly(engine.kill, container, name_)
+
+        outcome = session(stream, stdio, tty=tty, detach_keys=parse_detach_keys(
+            DEFAULT_DETACH_KEYS) if tty else b"", forward=forward, deadline=deadline,
+            resize=lambda rows, cols: engine.resize("containers", container, rows, cols))
+        if outcome == "detached":
+            detached = True  # it runs on: no removal (its watchdog still holds the timeout)
+            return 0
+        if outcome == "timeout":
+            _quietly(engine.stop, container)
+            raise TimeoutExpired("timeout after %d seconds" % timeout)
+        if outcome == "broken-pipe":
+            _quietly(engine.kill, container, "PIPE")
+            return 141
+        code = _wait_status(wait_response)
+        if code is None:
+            raise StreamError("the stream ended but the engine reported no exit status — "
+                              "see convox ps --all")
+        return exit_status(code, stream.first_output)
+
+
+def _wait_status(response):
+    """StatusCode from a /wait response, or None when it broke off."""
+    try:
+        body = json.loads(response.read().decode("utf-8") or "{}")
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    if (body.get("Error") or {}).get("Message"):
+        raise StreamError("the engine could not wait for the process: %s" %
+                          body["Error"]["Message"])
+    return body.get("StatusCode")
+
+
+def spawn_watchdog(engine, container, timeout):
+    """Enforce --timeout even if this client dies: a detached grandchild process waits for
+    the container to be removed, and past the deadline stops and removes it."""
+    try:
+        child = os.fork()
+    except OSError:
+        return  # the client still enforces the timeout while it lives
+    if child:
+        os.waitpid(child, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        _become_daemon()
+        watcher = Engine(engine.rack, {"DOCKER_API_VERSION": engine.api_version()})
+        conn = watcher.connect(timeout=timeout + 2)
+        try:
+            conn.request("POST", watcher.url("/containers/%s/wait" % container,
+                                             {"condition": "removed"}), body=b"")
+            conn.getresponse().read()
+        except socket.timeout:
+            watcher.stop(container)
+            watcher.remove(container)
+    except BaseException:
+        pass
+    os._exit(0)
+
+
+def _become_daemon():
+    """Drop everything the watchdog inherited: fds (sockets, the terminal) and handlers."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH):
+        signal.signal(signum, signal.SIG_IGN if signum != signal.SIGTERM else signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.closerange(3, _max_fd())
+
+
+def _max_fd():
+    try:
+        return min(os.sysconf("SC_OPEN_MAX"), 65536)
+    except (ValueError, OSError):
+        return 4096
+
+
 # ==========================================================================================
 # CLI
 # ==========================================================================================
@@ -1282,7 +1775,105 @@ def build_parser():
     ps.add_argument("--format", choices=("table", "json"), default="table")
     ps.add_argument("words", nargs="*", metavar="info|stop ID", help=argparse.SUPPRESS)
     ps.set_defaults(handler=cmd_ps)
+
+    exec_ = verbs.add_parser(
+        "exec", help="run a command in a running process",
+        usage="convox exec [options] TARGET COMMAND...",
+        description="Run COMMAND in a running process: TARGET is a container ID, ID prefix "
+        "or name, or a service of the app.")
+    _common_options(exec_, suppress=True)
+    _session_options(exec_)
+    exec_.add_argument("-w", "--workdir", help="working directory inside the container")
+    exec_.add_argument("-u", "--user", help="user (name or UID[:GID]) to run as")
+    exec_.add_argument("--detach-keys", metavar="KEYS",
+                       help="keys that detach from a TTY session (default ctrl-p,ctrl-q)")
+    exec_.set_defaults(handler=cmd_exec)
+
+    run = verbs.add_parser(
+        "run", help="run a command in a new one-off process of a service",
+        usage="convox run [options] SERVICE COMMAND...",
+        description="Run COMMAND in a new process of SERVICE, with the service's image, "
+        "environment, volumes and networks.")
+    _common_options(run, suppress=True)
+    _session_options(run)
+    run.add_argument("-d", "--detach", action="store_true",
+                     help="run in the background; output goes to the process's logs")
+    run.add_argument("-t", "--timeout", type=int, metavar="SECONDS",
+                     help="stop the process after this long (default 3600, 0 = never)")
+    run.add_argument("--release", help="use this release's image")
+    run.add_argument("--no-entrypoint", action="store_true",
+                     help="bypass the image's ENTRYPOINT")
+    run.add_argument("--entrypoint", metavar="true|false", help=argparse.SUPPRESS)
+    run.add_argument("--memory", type=int, metavar="MB", help="memory limit in MiB")
+    run.set_defaults(handler=cmd_run)
     return parser
+
+
+def _session_options(parser):
+    """Options shared by the verbs that attach to a process."""
+    parser.add_argument("-e", "--env", action="append", metavar="K=V",
+                        help="set an environment variable (repeatable)")
+    tty = parser.add_mutually_exclusive_group()
+    tty.add_argument("--tty", dest="tty", action="store_true", default=None,
+                     help="force a TTY")
+    tty.add_argument("--no-tty", dest="tty", action="store_false",
+                     help="never use a TTY")
+
+
+#: Verbs whose first positional word names a target and the words after it are a command.
+COMMAND_VERBS = {"exec": True, "run": True, "start": False}
+
+
+def split_command_line(parser, words, target_required=True):
+    """Split a verb's words into (option words, target or None, command words).
+
+    Options may stand before or after the target; the first word after it that is not an
+    option starts the command, whose own options are left alone (``exec ID ls -la``).
+    ``--`` ends options.  Which options take a value is read from the verb's parser.
+    """
+    takes_value = {}
+    for action in parser._actions:  # argparse's own table of options (stable since 2.7)
+        for option in action.option_strings:
+            takes_value[option] = action.nargs != 0
+    options, target = [], None
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word == "--":
+            rest = words[index + 1:]
+            if target is None and rest:
+                target, rest = rest[0], rest[1:]
+            return options, target, rest
+        if word.startswith("-") and word != "-":
+            options.append(word)
+            name = word.split("=", 1)[0]
+            if "=" not in word and takes_value.get(name) and index + 1 < len(words):
+                options.append(words[index + 1])
+                index += 1
+            index += 1
+            continue
+        if target is not None:
+            return options, target, words[index:]
+        target = word
+        index += 1
+    return options, target, []
+
+
+def parse_command_line(parser, argv):
+    """argparse, plus SPEC §5's word rules for the verbs that take a command."""
+    index = 0
+    top_values = ("-a", "--app", "-r", "--rack")
+    while index < len(argv) and argv[index].startswith("-"):
+        index += 2 if argv[index] in top_values else 1
+    if index >= len(argv) or argv[index] not in COMMAND_VERBS:
+        args = parser.parse_args(argv)
+        return args
+    verb = argv[index]
+    verb_parser = parser._subparsers._group_actions[0].choices[verb]
+    options, target, command = split_command_line(verb_parser, argv[index + 1:])
+    args = parser.parse_args(argv[:index + 1] + options)
+    args.target, args.command = target, command
+    return args
 
 
 def main(argv=None, environ=None):
@@ -1293,7 +1884,7 @@ def main(argv=None, environ=None):
     ctx = None
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parse_command_line(parser, argv)
         verb = args.verb
         if verb is None:
             parser.print_help()
@@ -1302,6 +1893,8 @@ def main(argv=None, environ=None):
         return args.handler(ctx)
     except ExitStatus as exc:
         return exc.status
+    except SystemExit as exc:  # argparse's --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:
         return _report(environ, "interrupted", 130)
     except ConvoxError as exc:
