@@ -520,6 +520,39 @@ class Engine:
         body = {"Container": ident, "EndpointConfig": {"Aliases": aliases or None}}
         return self.request("POST", "/networks/%s/connect" % network, body=body)
 
+    # -- images ----------------------------------------------------------------------------
+
+    def build(self, context_chunks, query):
+        """POST /build with a tar context sent in chunks; yield the engine's JSON messages.
+
+        Raises EngineError with the engine's message when the build fails.
+        """
+        conn = self.connect(timeout=None)
+        try:
+            conn.request("POST", self.url("/build", query), body=iter(context_chunks),
+                         headers={"Content-Type": "application/x-tar"}, encode_chunked=True)
+            response = conn.getresponse()
+            if response.status >= 400:
+                raise EngineError(_error_message(response.read(), response.status,
+                                                 response.reason), response.status)
+            decoder = json.JSONDecoder()
+            buffered = ""
+            for line in response:
+                buffered += line.decode("utf-8", "replace")
+                while buffered.strip():
+                    try:
+                        message, end = decoder.raw_decode(buffered.lstrip())
+                    except ValueError:
+                        break  # a message split across lines: read on
+                    buffered = buffered.lstrip()[end:]
+                    if message.get("error"):
+                        raise EngineError(message.get("error").strip())
+                    yield message
+        except (OSError, http.client.HTTPException) as exc:
+            raise StreamError("the build stream from the engine broke (%s)" % exc)
+        finally:
+            conn.close()
+
     # -- exec ------------------------------------------------------------------------------
 
     def exec_create(self, ident, config):
@@ -1923,6 +1956,11 @@ def _report(environ, message, status):
     except (OSError, ValueError):
         pass
     return status
+
+
+def _zipapp_main():
+    """Entry point of the zipapp (python3 -m zipapp DIR -m convox:_zipapp_main)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":
