@@ -1770,6 +1770,423 @@ def _max_fd():
         return 4096
 
 
+
+# -- start ----------------------------------------------------------------------------------
+
+#: Manifest file names `start` looks for, in order (SPEC §7).
+MANIFEST_NAMES = ("convox.yml", "convox.yaml", "docker-compose.yml", "docker-compose.yaml",
+                  "compose.yml", "compose.yaml")
+
+#: ANSI colours of the service prefixes, in turn.
+PREFIX_COLOURS = (36, 33, 32, 35, 34, 31, 96, 93, 92, 95, 94, 91)
+
+
+def find_manifest(option, cwd=None):
+    """The manifest to start: -m FILE, else the first of MANIFEST_NAMES in the folder."""
+    cwd = cwd or os.getcwd()
+    if option:
+        path = os.path.join(cwd, option)
+        if not os.path.isfile(path):
+            raise ConvoxError("no manifest at %s — check the -m/--manifest path" % option)
+        return path
+    for name in MANIFEST_NAMES:
+        path = os.path.join(cwd, name)
+        if os.path.isfile(path):
+            return path
+    raise ConvoxError("no convox.yml or docker-compose.yml in %s — cd to the app's folder "
+                      "or use -m FILE" % cwd)
+
+
+def new_release():
+    """A release ID like Convox's: R and ten upper-case letters."""
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    return "R" + "".join(letters[byte % 26] for byte in bytearray(os.urandom(10)))
+
+
+class LogPrinter:
+    """Writes ``SERVICE | line`` output: prefixes padded to the longest name, one colour per
+    service on a terminal, whole lines only (partial lines wait for their end)."""
+
+    def __init__(self, names, fd=1, colour=False):
+        self.width = max([len(name) for name in names] + [len("convox"), len("build")])
+        self.fd = fd
+        self.colours = {}
+        if colour:
+            for index, name in enumerate(names):
+                self.colours[name] = PREFIX_COLOURS[index % len(PREFIX_COLOURS)]
+        self.partial = {}
+
+    def prefix(self, name):
+        text = "%s | " % name.ljust(self.width)
+        colour = self.colours.get(name)
+        return ("\x1b[%dm%s\x1b[0m" % (colour, text)) if colour else text
+
+    def write(self, name, data, key=None):
+        """Print the whole lines of ``data`` (bytes) under ``name``; keep the rest."""
+        key = key or name
+        data = self.partial.pop(key, b"") + data
+        lines = data.split(b"\n")
+        if lines[-1]:
+            self.partial[key] = lines[-1]
+        prefix = self.prefix(name).encode("utf-8")
+        out = b"".join(prefix + line.rstrip(b"\r") + b"\n" for line in lines[:-1])
+        if out:
+            _write_all(self.fd, out)
+
+    def flush(self, name, key=None):
+        rest = self.partial.pop(key or name, b"")
+        if rest:
+            self.write(name, rest + b"\n", key)
+
+    def say(self, text, name="convox"):
+        self.write(name, text.encode("utf-8") + b"\n")
+
+
+class LocalApp:
+    """What one `convox start` created on the engine, so that it can all be removed."""
+
+    def __init__(self, engine, app, manifest, release):
+        self.engine = engine
+        self.app = app
+        self.manifest = manifest
+        self.release = release
+        self.network = None
+        self.network_created = False
+        self.containers = {}      # service -> container ID, in start order
+        self.images = {}          # service -> image reference
+
+    def repository(self, service):
+        return ("%s/%s" % (self.app, service)).lower()
+
+    # -- images ----------------------------------------------------------------------------
+
+    def build(self, names, printer, no_build=False, no_cache=False):
+        for name in names:
+            service = self.manifest.services[name]
+            if service.build is None:
+                self.images[name] = self.ensure_image(service.image, printer)
+            elif no_build:
+                self.images[name] = self.last_build(name)
+            else:
+                self.images[name] = self.build_service(service, printer, no_cache)
+
+    def build_service(self, service, printer, no_cache):
+        build = service.build
+        tag = "%s:%s" % (self.repository(service.name), self.release)
+        printer.say("building %s" % service.name, "build")
+        labels = {LABEL_APP: self.app, LABEL_SERVICE: service.name,
+                  LABEL_RELEASE: self.release}
+        query = {"t": tag, "dockerfile": build.get("dockerfile") or "Dockerfile",
+                 "labels": json.dumps(labels), "rm": "1", "forcerm": "1",
+                 "buildargs": json.dumps(build.get("args") or {}),
+                 "nocache": "1" if no_cache else None}
+        chunks = tar_context(build["context"], build.get("dockerfile") or "Dockerfile")
+        try:
+            for message in self.engine.build(chunks, query):
+                text = message.get("stream") or message.get("status") or ""
+                for line in text.splitlines():
+                    if line.strip():
+                        printer.say(line.rstrip(), "build")
+        except EngineError as exc:
+            raise ConvoxError("build of %s failed: %s — fix the Dockerfile or the build "
+                              "context" % (service.name, exc))
+        return tag
+
+    def last_build(self, name):
+        labels = ["%s=%s" % (LABEL_APP, self.app), "%s=%s" % (LABEL_SERVICE, name)]
+        images = self.engine.request("GET", "/images/json",
+                                     {"filters": {"label": labels}}) or []
+        if not images:
+            raise ConvoxError("no build of %s yet — run convox start without --no-build" %
+                              name)
+        return max(images, key=lambda image: image.get("Created") or 0)["Id"]
+
+    def ensure_image(self, image, printer):
+        """An image service's image, pulled when the engine does not have it."""
+        if not image:
+            raise ConvoxError("a service needs build or image — see the manifest")
+        try:
+            self.engine.request("GET", "/images/%s/json" % image)
+            return image
+        except NotFound:
+            pass
+        printer.say("pulling %s" % image, "build")
+        name, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else \
+            (image, "", "latest")
+        conn = self.engine.connect(timeout=None)
+        try:
+            conn.request("POST", self.engine.url("/images/create",
+                                                 {"fromImage": name, "tag": tag}), body=b"")
+            response = conn.getresponse()
+            body = response.read().decode("utf-8", "replace")
+        finally:
+            conn.close()
+        for line in body.splitlines():
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("error") or message.get("message"):
+                raise ConvoxError("cannot pull %s: %s — build it or load it into the "
+                                  "engine first" % (image, message.get("error") or
+                                                    message.get("message")))
+        if response.status >= 400:
+            raise ConvoxError("cannot pull %s: %s" % (image, _error_message(
+                body.encode("utf-8"), response.status, response.reason)))
+        return image
+
+    # -- containers ------------------------------------------------------------------------
+
+    def ensure_network(self):
+        self.network = self.app
+        try:
+            self.engine.request("GET", "/networks/%s" % self.network)
+        except NotFound:
+            self.engine.request("POST", "/networks/create", body={
+                "Name": self.network, "CheckDuplicate": True,
+                "Labels": {LABEL_APP: self.app}})
+            self.network_created = True
+
+    def container_config(self, name, command=None):
+        """The create body of service ``name`` from the manifest."""
+        service = self.manifest.services[name]
+        labels = dict(service.labels or {})
+        labels.update({LABEL_APP: self.app, LABEL_SERVICE: name,
+                       LABEL_RELEASE: self.release, LABEL_TYPE: "service"})
+        config = {
+            "Image": self.images[name],
+            "Env": ["%s=%s" % item for item in sorted(service.environment.items())],
+            "Labels": labels,
+            "HostConfig": {"NetworkMode": self.network,
+                           "Memory": (service.memory or 0) * 1024 * 1024},
+            "NetworkingConfig": {"EndpointsConfig": {self.network: {"Aliases": [name]}}},
+            "AttachStdout": True, "AttachStderr": True,
+        }
+        if command is not None or service.command is not None:
+            config["Cmd"] = command if command is not None else service.command
+        if service.entrypoint is not None:
+            config["Entrypoint"] = service.entrypoint
+        binds, anonymous = [], {}
+        for volume in service.volumes:
+            if volume["type"] == "bind" or volume["source"]:
+                source = volume["source"]
+                if volume["type"] == "volume":
+                    source = "%s-%s" % (self.app, source)
+                binds.append("%s:%s%s" % (source, volume["target"],
+                                          ":ro" if volume.get("read_only") else ""))
+            else:
+                anonymous[volume["target"]] = {}
+        config["HostConfig"]["Binds"] = binds or None
+        if anonymous:
+            config["Volumes"] = anonymous
+        if service.ports:
+            exposed, bindings = {}, {}
+            for port in service.ports:
+                key = "%d/%s" % (port["container_port"], port["protocol"])
+                exposed[key] = {}
+                bindings.setdefault(key, []).append({
+                    "HostIp": port["host_ip"] or "",
+                    "HostPort": str(port["host_port"] or "")})
+            config["ExposedPorts"] = exposed
+            config["HostConfig"]["PortBindings"] = bindings
+        return config
+
+    def template(self, name):
+        """An inspect-like view of service ``name`` for `run`'s one-off config."""
+        config = self.container_config(name)
+        mounts = []
+        for bind in config["HostConfig"]["Binds"] or []:
+            parts = bind.split(":")
+            mounts.append({"Type": "bind" if parts[0].startswith("/") else "volume",
+                           "Source": parts[0], "Name": parts[0], "Destination": parts[1],
+                           "RW": len(parts) < 3})
+        return {
+            "Image": config["Image"],
+            "Config": {"Env": config["Env"], "Labels": config["Labels"],
+                       "Entrypoint": config.get("Entrypoint"), "WorkingDir": "", "User": ""},
+            "HostConfig": config["HostConfig"],
+            "Mounts": mounts,
+            "NetworkSettings": {"Networks": {self.network: {"Aliases": [name]}}},
+        }
+
+    def create(self, name):
+        """Create service ``name`` as container APP-SERVICE, replacing a stale one."""
+        container_name = "%s-%s" % (self.app, name)
+        self.engine.remove(container_name)
+        ident = self.engine.create_container(self.container_config(name),
+                                             container_name)["Id"]
+        self.containers[name] = ident
+        return ident
+
+    def stop_all(self, grace=STOP_GRACE):
+        for ident in self.containers.values():
+            _quietly(self.engine.kill, ident, "TERM")
+        give_up = time.monotonic() + grace
+        for ident in self.containers.values():
+            while time.monotonic() < give_up:
+                try:
+                    if not self.engine.inspect(ident)["State"]["Running"]:
+                        break
+                except ConvoxError:
+                    break
+                time.sleep(0.1)
+        self.kill_all()
+
+    def kill_all(self):
+        for ident in self.containers.values():
+            _quietly(self.engine.kill, ident, "KILL")
+
+    def remove_all(self):
+        for ident in reversed(list(self.containers.values())):
+            _quietly(self.engine.remove, ident)
+        self.containers.clear()
+        if self.network_created:
+            try:
+                self.engine.request("DELETE", "/networks/%s" % self.network)
+            except ConvoxError:
+                pass
+
+
+def follow(local, streams, printer, signal_fd):
+    """Print every service's output until all have exited or a stop is asked for.
+
+    ``streams`` maps service -> Hijacked (not TTY).  Returns ``("exited", status)`` with the
+    first non-zero exit status, or ``("stopped", 0)`` after Ctrl-C/SIGTERM (a second one
+    kills at once).
+    """
+    demuxers = {name: Demuxer() for name in streams}
+    by_sock = {}
+    for name, stream in streams.items():
+        stream.sock.setblocking(False)
+        by_sock[stream.sock] = name
+        if stream.early:
+            for index, payload in demuxers[name].feed(stream.early):
+                printer.write(name, payload, (name, index))
+    first_failure = 0
+    stopping = False
+    stop_deadline = None
+    while by_sock:
+        readable = list(by_sock) + ([signal_fd] if signal_fd is not None else [])
+        timeout = None if stop_deadline is None else max(0, stop_deadline - time.monotonic())
+        ready, _, _ = select.select(readable, [], [], timeout)
+        if signal_fd is not None and signal_fd in ready:
+            for signum in _drain_signals(signal_fd):
+                if signum not in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    continue
+                if stopping:
+                    printer.say("killing")
+                    local.kill_all()
+                else:
+                    stopping = True
+                    printer.say("stopping")
+                    for ident in local.containers.values():
+                        _quietly(local.engine.kill, ident, "TERM")
+                    stop_deadline = time.monotonic() + STOP_GRACE
+        if not ready and stop_deadline is not None:
+            local.kill_all()
+            stop_deadline = None
+            continue
+        for sock in [s for s in ready if s in by_sock]:
+            name = by_sock[sock]
+            try:
+                data = sock.recv(CHUNK)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data:
+                for index, payload in demuxers[name].feed(data):
+                    printer.write(name, payload, (name, index))
+                continue
+            del by_sock[sock]
+            sock.close()
+            for index in (1, 2):
+                printer.flush(name, (name, index))
+            code = _exit_code(local.engine, local.containers[name])
+            if not stopping:
+                printer.say("%s exited with code %s" % (name, code))
+                if code and not first_failure:
+                    first_failure = code
+    return ("stopped", 0) if stopping else ("exited", first_failure)
+
+
+def _exit_code(engine, ident, patience=5.0):
+    give_up = time.monotonic() + patience
+    while True:
+        try:
+            state = engine.inspect(ident)["State"]
+        except ConvoxError:
+            return None
+        if not state.get("Running") or time.monotonic() > give_up:
+            return state.get("ExitCode")
+        time.sleep(0.05)
+
+
+def cmd_start(ctx):
+    """convox start [SERVICE [COMMAND...]]"""
+    args = ctx.args
+    path = find_manifest(args.manifest)
+    manifest = load_manifest(path, dict(ctx.environ))
+    for warning in manifest.warnings:
+        ctx.stderr.write("WARNING: %s\n" % warning)
+    app, _ = ctx.app()
+    engine = ctx.engine
+    if args.target:
+        names = manifest.dependencies(args.target)
+    else:
+        names = []
+        for name in manifest.services:
+            names += [n for n in manifest.dependencies(name) if n not in names]
+    command = command_words(args.command) if args.command else None
+    local = LocalApp(engine, app, manifest, new_release())
+    stdio = ctx.stdio
+    colour = os.isatty(stdio.stdout_fd) and not ctx.environ.get("NO_COLOR")
+    printer = LogPrinter(names, stdio.stdout_fd, colour)
+    ctx.stdout.flush()
+    try:
+        local.build(names, printer, args.no_build, args.no_cache)
+        local.ensure_network()
+        if command is not None:
+            return start_command(ctx, local, names, command, printer)
+        return start_services(local, names, printer)
+    finally:
+        local.remove_all()
+
+
+def start_services(local, names, printer):
+    """Run every service, following their output, until they exit or are stopped."""
+    streams = {}
+    with SignalPipe([signal.SIGINT, signal.SIGTERM, signal.SIGHUP]) as pipe:
+        try:
+            for name in names:
+                ident = local.create(name)
+                streams[name] = local.engine.hijack("/containers/%s/attach" % ident, query={
+                    "stream": 1, "stdout": 1, "stderr": 1})
+            for name in names:
+                printer.say("starting %s" % name)
+                local.engine.start(local.containers[name])
+            outcome, status = follow(local, streams, printer, pipe.fd)
+            if outcome == "stopped":
+                local.stop_all(grace=0)
+            return status
+        finally:
+            for stream in streams.values():
+                stream.close()
+
+
+def start_command(ctx, local, names, command, printer):
+    """`start SERVICE COMMAND`: dependencies in the background, COMMAND as a one-off."""
+    service = names[-1]
+    for name in names[:-1]:
+        printer.say("starting %s" % name)
+        local.engine.start(local.create(name))
+    try:
+        return run_one_off(ctx, local.template(service), command, app=local.app,
+                           service=service)
+    finally:
+        local.stop_all()
+
+
 # ==========================================================================================
 # CLI
 # ==========================================================================================
@@ -1839,6 +2256,19 @@ def build_parser():
     run.add_argument("--entrypoint", metavar="true|false", help=argparse.SUPPRESS)
     run.add_argument("--memory", type=int, metavar="MB", help="memory limit in MiB")
     run.set_defaults(handler=cmd_run)
+
+    start = verbs.add_parser(
+        "start", help="run the app locally from convox.yml or docker-compose.yml",
+        usage="convox start [options] [SERVICE [COMMAND...]]",
+        description="Build and run the app's services locally; with SERVICE, only it and "
+        "what it links to; with COMMAND, run COMMAND in a new process of SERVICE.")
+    _common_options(start, suppress=True)
+    _session_options(start)
+    start.add_argument("-m", "--manifest", metavar="FILE",
+                       help="manifest (default: convox.yml, else docker-compose.yml)")
+    start.add_argument("--no-build", action="store_true", help="use the last build")
+    start.add_argument("--no-cache", action="store_true", help="build without cache")
+    start.set_defaults(handler=cmd_start, detach=False, timeout=None, memory=None)
     return parser
 
 
@@ -1913,7 +2343,7 @@ def main(argv=None, environ=None):
     """Run the CLI; return the exit status (only the __main__ guard exits)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     environ = os.environ if environ is None else environ
-    verb = None
+    verb = args = None
     ctx = None
     try:
         parser = build_parser()
@@ -1933,17 +2363,22 @@ def main(argv=None, environ=None):
     except ConvoxError as exc:
         status = exc.status
         if status is None:
-            status = STATUS_FAILED if verb in ("exec", "run") else 1
+            status = STATUS_FAILED if _attached(verb, args) else 1
         return _report(environ, str(exc), status)
     except BrokenPipeError:
         return 141  # our stdout went away (| head): end quietly, as a shell pipeline does
     except Exception as exc:  # a bug: still one line, the traceback only when asked
         return _report(environ, "%s: %s — set CONVOX_DEBUG=1 for details and report it" %
-                       (type(exc).__name__, exc), STATUS_FAILED if verb in ("exec", "run")
+                       (type(exc).__name__, exc), STATUS_FAILED if _attached(verb, args)
                        else 1)
     finally:
         if ctx is not None:
             ctx.close()
+
+
+def _attached(verb, args):
+    """True for the verbs whose failures are 125 (run, exec, start SERVICE COMMAND)."""
+    return verb in ("exec", "run") or (verb == "start" and bool(getattr(args, "command", None)))
 
 
 def _report(environ, message, status):
