@@ -35,6 +35,7 @@ import errno
 import http.client
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -71,7 +72,8 @@ DEFAULT_SOCKETS = (
     "/run/podman/podman.sock",
 )
 
-#: Seconds a control request (anything but a stream, a build or a wait) may take.
+#: Seconds a control request (anything but a stream, a build or a wait) may take; the
+#: environment variable CONVOX_TIMEOUT overrides it (a hung engine then fails sooner).
 CONTROL_TIMEOUT = 60.0
 
 #: Bytes read from a socket or a local fd at once, and the most held for a slow peer.
@@ -295,14 +297,33 @@ def negotiate_version(server_version, override=None):
     return min(server_version, API_VERSION_MAX, key=_version_tuple)
 
 
+def control_timeout(environ):
+    """Seconds a control request may take: CONVOX_TIMEOUT, else CONTROL_TIMEOUT."""
+    text = environ.get("CONVOX_TIMEOUT")
+    if not text:
+        return CONTROL_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):  # NaN fails both comparisons
+        raise UsageError("CONVOX_TIMEOUT must be a number of seconds above 0, not %r — "
+                         "unset it for the default of %d" % (text, CONTROL_TIMEOUT))
+    return seconds
+
+
 def _error_message(body, status, reason):
-    """The engine's message: JSON ``message`` when there is one, else the plain text."""
+    """The engine's message: JSON ``message`` when there is one, else the plain text; on
+    one line and cut short, as a proxy's HTML error page would otherwise flood the terminal."""
     text = body.decode("utf-8", "replace").strip()
     try:
         message = json.loads(text).get("message")
     except (ValueError, AttributeError):
         message = None
-    return message or text or "%d %s" % (status, reason)
+    message = " ".join(str(message or text).split())
+    if len(message) > 300:
+        message = message[:300] + "..."
+    return message or "%d %s" % (status, reason)
 
 
 class Hijacked:
@@ -332,6 +353,7 @@ class Engine:
         environ = os.environ if environ is None else environ
         self.rack = rack
         self.version = environ.get("DOCKER_API_VERSION") or None
+        self.timeout = control_timeout(environ)
         self.connections = 0
         self._conn = None
 
@@ -356,7 +378,7 @@ class Engine:
     def api_version(self):
         """Negotiate once per Engine: GET /_ping, header API-Version (SPEC §2)."""
         if self.version is None:
-            response = self._roundtrip("GET", "/_ping", None, {}, CONTROL_TIMEOUT)
+            response = self._roundtrip("GET", "/_ping", None, {}, self.timeout)
             self.version = negotiate_version(response[1].get("API-Version"))
         return self.version
 
@@ -394,7 +416,7 @@ class Engine:
             except socket.timeout:
                 self.close()
                 raise EngineUnavailable(
-                    "the engine at %s did not answer %s %s within %d s — check that it is "
+                    "the engine at %s did not answer %s %s within %g s — check that it is "
                     "healthy" % (self.rack.url, method, url.split("?")[0], timeout))
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
@@ -403,8 +425,9 @@ class Engine:
                 self.close()
             return response.status, response.headers, data
 
-    def request(self, method, path, query=None, body=None, timeout=CONTROL_TIMEOUT):
+    def request(self, method, path, query=None, body=None, timeout=None):
         """Send a control request; return its decoded JSON (or None); raise on HTTP errors."""
+        timeout = self.timeout if timeout is None else timeout
         headers = {}
         if body is not None:
             body = json.dumps(body).encode("utf-8")
@@ -431,10 +454,13 @@ class Engine:
         ``http.client`` would read ahead into its buffer, so the response head is read here
         byte-exactly from the socket and whatever follows it is handed back as ``early``.
         """
-        conn = self.connect()
-        payload = json.dumps(body if body is not None else {}).encode("utf-8")
+        conn = self.connect(self.timeout)
+        # No body unless one is asked for: the engine reads the hijacked connection from its
+        # start, so a body nobody parses (attach's) would reach the process as its stdin.
+        payload = b"" if body is None else json.dumps(body).encode("utf-8")
         conn.putrequest("POST", self.url(path, query), skip_accept_encoding=True)
-        conn.putheader("Content-Type", "application/json")
+        if body is not None:
+            conn.putheader("Content-Type", "application/json")
         conn.putheader("Connection", "Upgrade")
         conn.putheader("Upgrade", "tcp")
         conn.putheader("Content-Length", str(len(payload)))
@@ -445,8 +471,8 @@ class Engine:
         except socket.timeout:
             sock.close()
             raise EngineUnavailable("the engine did not answer the stream request for %s "
-                                    "within %d s — check that it is healthy"
-                                    % (path, CONTROL_TIMEOUT))
+                                    "within %g s — check that it is healthy"
+                                    % (path, self.timeout))
         except OSError as exc:
             sock.close()
             raise StreamError("the engine closed the stream before it started (%s) — try "
@@ -468,8 +494,12 @@ class Engine:
 
     def send_only(self, method, path, query=None):
         """Send a request on its own connection and return it unread (for long waits)."""
-        conn = self.connect()
-        conn.request(method, self.url(path, query), body=b"")
+        conn = self.connect(self.timeout)
+        try:
+            conn.request(method, self.url(path, query), body=b"")
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise unreachable(self.rack, exc)
         return conn
 
     # -- containers ------------------------------------------------------------------------
@@ -495,7 +525,7 @@ class Engine:
     def stop(self, ident, grace=STOP_GRACE):
         try:
             return self.request("POST", "/containers/%s/stop" % ident, {"t": grace},
-                                timeout=grace + CONTROL_TIMEOUT)
+                                timeout=grace + self.timeout)
         except EngineError as exc:
             if exc.code != 304:
                 raise
@@ -640,6 +670,15 @@ class Demuxer:
 
     def feed(self, data):
         out = []
+        try:
+            return self._split(data, out)
+        except StreamError as exc:
+            # The frames before the fault are the process's output all the same: the
+            # caller writes them out before it reports the error (never lose output).
+            exc.output = out
+            raise
+
+    def _split(self, data, out):
         view = memoryview(data)
         while len(view):
             if self._left:
@@ -776,7 +815,13 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
         if demux is None:
             _write_all(stdout_fd, data)
             return
-        for index, payload in demux.feed(data):
+        try:
+            pieces = demux.feed(data)
+        except StreamError as exc:
+            for index, payload in exc.output:
+                _write_all(outputs[index], payload)
+            raise
+        for index, payload in pieces:
             _write_all(outputs[index], payload)
 
     try:
@@ -1103,7 +1148,10 @@ def find_process(engine, app, ident):
 
 def newest(summaries):
     """The newest container summary (by creation time), or None."""
-    return max(summaries, key=lambda s: (s.get("Created") or 0, s["Id"]), default=None)
+    # Created is in whole seconds; within one second the engine's own order decides: it
+    # lists containers newest first by their exact creation time (Docker container/history.go).
+    ranked = [(s.get("Created") or 0, -index, s) for index, s in enumerate(summaries)]
+    return max(ranked, key=lambda r: r[:2], default=(0, 0, None))[2]
 
 
 def service_template(engine, apps, app, service):
@@ -1149,17 +1197,19 @@ def _mount_binds(template):
     return binds
 
 
-def one_off_config(template, command, *, app, service, image=None, env=(), memory=None,
-                   entrypoint=True, tty=False, stdin=False, detach=False, console=None):
+def one_off_config(template, command, *, app, service, image=None, release=None, env=(),
+                   memory=None, entrypoint=True, tty=False, stdin=False, detach=False,
+                   console=None):
     """The create body of a one-off process of a service (SPEC §6), and the extra networks
-    to connect before start: ``(config, [(network, aliases), ...])``.
+    to connect before start: ``(config, [(network, aliases), ...])``.  ``image`` and
+    ``release`` are those of ``--release``; by default the template's.
 
     It copies the service's image, environment, working directory, user, mounts, networks
     with aliases, DNS, extra hosts and memory limit; not its ports, name or restart policy.
     """
     config = template.get("Config") or {}
     host = template.get("HostConfig") or {}
-    release = identity(config.get("Labels"))[2]
+    release = release or identity(config.get("Labels"))[2]
     body = {
         "Image": image or template.get("Image") or config.get("Image"),
         "Cmd": command,
@@ -1323,6 +1373,1720 @@ def format_table(headers, rows):
 def shell_join(words):
     import shlex
     return " ".join(shlex.quote(word) for word in words)
+
+
+# ==========================================================================================
+# Manifest
+# ==========================================================================================
+
+# Plain-scalar resolution follows the YAML 1.2 core schema (what compose's yaml.v3 does),
+# so "yes", "on", "0755"-style and "8080:80" stay strings or decimal ints as users expect.
+_YAML_NULLS = ('', '~', 'null', 'Null', 'NULL')
+_YAML_TRUES = ('true', 'True', 'TRUE')
+_YAML_FALSES = ('false', 'False', 'FALSE')
+_YAML_INT = r'[-+]?[0-9]+\Z'
+_YAML_OCT = r'0o[0-7]+\Z'
+_YAML_HEX = r'0x[0-9a-fA-F]+\Z'
+_YAML_FLOAT = r'[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?\Z'
+_YAML_INF = r'[-+]?\.(inf|Inf|INF)\Z'
+_YAML_NAN = r'\.(nan|NaN|NAN)\Z'
+_YAML_ESCAPES = {
+    '0': '\0', 'a': '\a', 'b': '\b', 't': '\t', '\t': '\t', 'n': '\n', 'v': '\v',
+    'f': '\f', 'r': '\r', 'e': '\x1b', ' ': ' ', '"': '"', '/': '/', '\\': '\\',
+    'N': '\x85', '_': '\xa0', 'L': '\u2028', 'P': '\u2029',
+}
+_YAML_HEX_ESCAPES = {'x': 2, 'u': 4, 'U': 8}
+_PROPS_HELP = {
+    '&': 'anchors and aliases (&name, *name) are not supported — repeat the value instead',
+    '*': 'anchors and aliases (&name, *name) are not supported — repeat the value instead',
+    '!': 'tags (!tag, !!str) are not supported — quote the value if it must be a string',
+}
+_MULTILINE_HELP = ('multi-line plain values are not supported — '
+                   'put the value on one line, quote it, or use | or >')
+
+
+def _resolve_plain(text):
+    """Turn an unquoted scalar into None/bool/int/float/str per the YAML 1.2 core schema."""
+    if text in _YAML_NULLS:
+        return None
+    if text[0] not in '0123456789+-.tTfF':
+        return text  # fast path: most values are words
+    if text in _YAML_TRUES:
+        return True
+    if text in _YAML_FALSES:
+        return False
+    if re.match(_YAML_INT, text):
+        return int(text, 10)
+    if re.match(_YAML_OCT, text):
+        return int(text[2:], 8)
+    if re.match(_YAML_HEX, text):
+        return int(text[2:], 16)
+    if re.match(_YAML_FLOAT, text):
+        return float(text)
+    if re.match(_YAML_INF, text):
+        return float('-inf') if text[0] == '-' else float('inf')
+    if re.match(_YAML_NAN, text):
+        return float('nan')
+    return text
+
+
+def _is_dash(text):
+    """True when a line's content is a block sequence entry ("- x" or a lone "-")."""
+    return text == '-' or text[:2] in ('- ', '-\t')
+
+
+def _is_doc_marker(raw):
+    """True for a '---' or '...' document marker line."""
+    return raw[:3] in ('---', '...') and (len(raw) == 3 or raw[3] in ' \t')
+
+
+def _is_comment_rest(rest):
+    """True when the text left on a line is blank or a comment."""
+    body = rest.lstrip(' \t')
+    return not body or (body[0] == '#' and len(body) < len(rest))
+
+
+def _find_key_colon(text):
+    """Index of the ': ' ending a plain mapping key, or -1 when the line holds no key."""
+    for k, ch in enumerate(text):
+        if ch == '#' and k > 0 and text[k - 1] in ' \t':
+            return -1
+        if ch == ':' and (k + 1 == len(text) or text[k + 1] in ' \t'):
+            return k
+    return -1
+
+
+def _fold_lines(lines):
+    """Join folded (>) block scalar lines: single breaks become spaces, blank lines stay."""
+    out = []
+    prev = None
+    blanks = 0
+    for line in lines:
+        if line == '':
+            blanks += 1
+            continue
+        if prev is None:
+            out.append('\n' * blanks)
+        elif prev[0] in ' \t' or line[0] in ' \t':
+            out.append('\n' * (blanks + 1))  # more-indented lines keep their breaks
+        else:
+            out.append('\n' * blanks if blanks else ' ')
+        out.append(line)
+        prev = line
+        blanks = 0
+    return ''.join(out)
+
+
+class _YamlParser(object):
+    """Line-based recursive-descent parser for the YAML subset manifests use."""
+
+    def __init__(self, text, filename):
+        self.filename = filename
+        if text.startswith('\ufeff'):
+            text = text[1:]
+        text = text.replace('\r\n', '\n').replace('\r', '\n')
+        self.final_newline = text.endswith('\n')
+        self.raw = text.split('\n')
+        if self.final_newline:
+            self.raw.pop()  # the '' after the last newline is not a line
+        self.virtual = {}  # line index -> (indent, text) for "- key: v" items re-read in place
+        self.pos = 0
+
+    def error(self, lineno, message):
+        """Build a ManifestError pointing at a 1-based line."""
+        return ManifestError('%s:%d: %s' % (self.filename, lineno, message))
+
+    def _split(self, i):
+        """Return (indent, content) of line i, honouring virtual lines."""
+        if i in self.virtual:
+            return self.virtual[i]
+        raw = self.raw[i]
+        body = raw.lstrip(' ')
+        return len(raw) - len(body), body
+
+    def _next_content(self, i):
+        """Index of the first line at or after i that is not blank or a comment."""
+        while i < len(self.raw):
+            body = self._split(i)[1].strip(' \t')
+            if body and body[0] != '#':
+                return i
+            i += 1
+        return None
+
+    def peek(self):
+        """Index of the next content line of this document, or None at the end."""
+        i = self._next_content(self.pos)
+        if i is None:
+            self.pos = len(self.raw)
+            return None
+        self.pos = i
+        indent, text = self._split(i)
+        if text[0] == '\t':
+            raise self.error(i + 1, 'tabs are not allowed for indentation — use spaces')
+        if indent == 0 and i not in self.virtual and _is_doc_marker(text):
+            return None  # the caller reports the marker
+        return i
+
+    def parse(self):
+        """Parse the whole text as one document."""
+        i = self._next_content(0)
+        if i is not None:
+            raw = self.raw[i]
+            if raw.startswith('%'):
+                raise self.error(i + 1, 'directives (%YAML, %TAG) are not supported — remove the line')
+            if raw.startswith('---') and _is_doc_marker(raw):
+                if not _is_comment_rest(raw[3:]):
+                    raise self.error(i + 1, "content on the '---' line is not supported — "
+                                            "move it to the next line")
+                self.pos = i + 1
+        value = self.block_node(0, -1)
+        i = self._next_content(self.pos)
+        if i is not None:
+            raw = self.raw[i]
+            if raw.startswith('---') and _is_doc_marker(raw):
+                raise self.error(i + 1, "a second document ('---') is not supported — "
+                                        "keep one document per file")
+            if _is_doc_marker(raw):
+                raise self.error(i + 1, "the document end marker '...' is not supported — remove it")
+            raise self.error(i + 1, 'bad indentation — this line does not line up with anything above it')
+        return value
+
+    def block_node(self, min_indent, parent_indent):
+        """Parse the node on the next content line if it is indented at least min_indent."""
+        i = self.peek()
+        if i is None or self._split(i)[0] < min_indent:
+            return None
+        return self.node_at(i, parent_indent)
+
+    def node_at(self, i, parent_indent):
+        """Parse the node starting on line i: a sequence, a mapping or a scalar."""
+        indent, text = self._split(i)
+        if _is_dash(text):
+            return self.sequence(indent)
+        if self.split_key(i, text) is not None:
+            return self.mapping(indent)
+        self.pos = i + 1
+        return self.inline_value(i, text, parent_indent)
+
+    def sequence(self, n):
+        """Parse a block sequence whose dashes sit at column n."""
+        items = []
+        while True:
+            i = self.peek()
+            if i is None:
+                break
+            indent, text = self._split(i)
+            if indent < n:
+                break
+            if indent > n:
+                raise self.error(i + 1, 'bad indentation (expected %d spaces, found %d)' % (n, indent))
+            if not _is_dash(text):
+                break
+            items.append(self.sequence_item(i, n, text))
+        return items
+
+    def sequence_item(self, i, n, text):
+        """Parse one "- ..." entry; inline content is re-read as a virtual, deeper line."""
+        rest = text[1:]
+        body = rest.lstrip(' \t')
+        if _is_comment_rest(rest):
+            self.pos = i + 1
+            return self.block_node(n + 1, n)
+        # "- key: v" starts a mapping whose keys line up with "key": re-read the line there.
+        self.virtual[i] = (n + 1 + len(rest) - len(body), body)
+        self.pos = i
+        return self.node_at(i, n)
+
+    def mapping(self, n):
+        """Parse a block mapping whose keys sit at column n."""
+        result = {}
+        while True:
+            i = self.peek()
+            if i is None:
+                break
+            indent, text = self._split(i)
+            if indent < n:
+                break
+            if indent > n:
+                raise self.error(i + 1, 'bad indentation (expected %d spaces, found %d)' % (n, indent))
+            if _is_dash(text):
+                raise self.error(i + 1, 'a list item is not allowed here — check the indentation')
+            pair = self.split_key(i, text)
+            if pair is None:
+                hint = ' — put a space after the ":"' if ':' in text else ''
+                raise self.error(i + 1, 'expected "key: value"' + hint)
+            key, rest = pair
+            if key in result:
+                raise self.error(i + 1, 'duplicate key %r' % (key,))
+            self.pos = i + 1
+            result[key] = self.mapping_value(i, rest, n)
+        return result
+
+    def mapping_value(self, i, rest, n):
+        """Parse what follows "key:" — on the same line or on the lines below."""
+        body = rest.lstrip(' \t')
+        if not _is_comment_rest(rest):
+            return self.inline_value(i, body, n)
+        j = self.peek()
+        if j is None:
+            return None
+        indent, text = self._split(j)
+        if indent > n:
+            return self.node_at(j, n)
+        if indent == n and _is_dash(text):
+            return self.sequence(n)  # compose style: "key:\n- a" at the key's own indent
+        return None
+
+    def split_key(self, i, text):
+        """Return (key, rest) when line i is "key: ...", else None."""
+        c = text[0]
+        if c in _PROPS_HELP:
+            raise self.error(i + 1, _PROPS_HELP[c])
+        if c == '?' and (len(text) == 1 or text[1] in ' \t'):
+            raise self.error(i + 1, 'complex keys ("? ") are not supported')
+        if c in '[{':
+            return None
+        if c in '"\'':
+            key, end = self.scan_quoted(text, 0, i + 1)
+            after = text[end:].lstrip(' \t')
+            if after[:1] == ':' and (len(after) == 1 or after[1] in ' \t'):
+                return key, after[1:]
+            return None
+        k = _find_key_colon(text)
+        if k < 0:
+            return None
+        key_text = text[:k].rstrip(' \t')
+        if key_text == '<<':
+            raise self.error(i + 1, 'merge keys (<<) are not supported — repeat the keys instead')
+        if not key_text:
+            raise self.error(i + 1, 'missing key before ":"')
+        return _resolve_plain(key_text), text[k + 1:]
+
+    def inline_value(self, i, text, parent_indent):
+        """Parse a value that starts on line i (text has no leading space)."""
+        c = text[0]
+        lineno = i + 1
+        if c in _PROPS_HELP:
+            raise self.error(lineno, _PROPS_HELP[c])
+        if c in '|>':
+            return self.block_scalar(i, text, parent_indent)
+        if c in '[{':
+            return self.flow(i, text)
+        if c in '"\'':
+            value, end = self.scan_quoted(text, 0, lineno)
+            if not _is_comment_rest(text[end:]):
+                raise self.error(lineno, 'unexpected text after the closing quote')
+            return value
+        if _is_dash(text):
+            raise self.error(lineno, 'a list cannot start on the same line as its key — '
+                                     'move "- ..." to the next line')
+        if c in '?:' and (len(text) == 1 or text[1] in ' \t'):
+            raise self.error(lineno, 'unexpected %r — quote the value' % c)
+        if c in '@`%,]}':
+            raise self.error(lineno, 'a plain value cannot start with %r — quote the value' % c)
+        value = self.plain(lineno, text)
+        self.no_continuation(parent_indent)
+        return _resolve_plain(value)
+
+    def no_continuation(self, parent_indent):
+        """Reject a deeper line after a one-line plain value (a continuation or a misindent)."""
+        j = self.peek()
+        if j is None:
+            return
+        indent, text = self._split(j)
+        if indent <= parent_indent:
+            return
+        if _is_dash(text) or _find_key_colon(text) > 0:
+            raise self.error(j + 1, 'bad indentation (expected %d spaces, found %d)'
+                             % (max(parent_indent, 0), indent))
+        raise self.error(j + 1, _MULTILINE_HELP)
+
+    def plain(self, lineno, text):
+        """Return the plain scalar text of a value, without a trailing comment."""
+        for k, ch in enumerate(text):
+            if ch == '#' and text[k - 1] in ' \t':
+                return text[:k].rstrip(' \t')
+            if ch == ':' and (k + 1 == len(text) or text[k + 1] in ' \t'):
+                raise self.error(lineno, 'unexpected ":" in a value — quote values that contain ": "')
+        return text.rstrip(' \t')
+
+    def scan_quoted(self, text, start, lineno):
+        """Scan a single- or double-quoted scalar at text[start]; return (value, end index)."""
+        quote = text[start]
+        out = []
+        k = start + 1
+        while k < len(text):
+            ch = text[k]
+            if ch == '\n':
+                break
+            if ch == quote:
+                if quote == "'" and text[k + 1:k + 2] == "'":
+                    out.append("'")
+                    k += 2
+                    continue
+                return ''.join(out), k + 1
+            if ch == '\\' and quote == '"':
+                piece, k = self.escape(text, k, lineno)
+                out.append(piece)
+                continue
+            out.append(ch)
+            k += 1
+        raise self.error(lineno, 'unterminated quoted string — close the quote on the same line')
+
+    def escape(self, text, k, lineno):
+        """Decode the double-quoted escape at text[k]; return (chars, next index)."""
+        code = text[k + 1:k + 2]
+        if code in _YAML_ESCAPES:
+            return _YAML_ESCAPES[code], k + 2
+        if code in _YAML_HEX_ESCAPES:
+            digits = text[k + 2:k + 2 + _YAML_HEX_ESCAPES[code]]
+            if len(digits) == _YAML_HEX_ESCAPES[code] and re.match(r'[0-9a-fA-F]+\Z', digits):
+                return chr(int(digits, 16)), k + 2 + len(digits)
+        if code in ('', '\n'):
+            raise self.error(lineno, 'unterminated quoted string — close the quote on the same line')
+        raise self.error(lineno, 'invalid escape "\\%s" in a double-quoted string' % code)
+
+    def block_header(self, lineno, text):
+        """Parse a | or > header; return (style, chomp, explicit indent or 0)."""
+        chomp, explicit, k = '', 0, 1
+        while k < len(text) and k <= 2:
+            if text[k] in '+-' and not chomp:
+                chomp = text[k]
+            elif text[k] in '123456789' and not explicit:
+                explicit = int(text[k])
+            else:
+                break
+            k += 1
+        if not _is_comment_rest(text[k:]):
+            raise self.error(lineno, 'bad block scalar header %r — use |, |-, |+, >, >- or >+' % text)
+        return text[0], chomp, explicit
+
+    def block_scalar(self, i, text, parent_indent):
+        """Parse a literal (|) or folded (>) block scalar whose header is on line i."""
+        style, chomp, explicit = self.block_header(i + 1, text)
+        indent = max(parent_indent + explicit, 0) if explicit else None
+        j = i + 1
+        lines = []
+        while j < len(self.raw):
+            raw = self.raw[j]
+            if raw.strip(' ') == '':
+                lines.append(raw)
+                j += 1
+                continue
+            ind = len(raw) - len(raw.lstrip(' '))
+            if indent is None:
+                if ind <= parent_indent:
+                    break
+                indent = ind
+            if ind < indent or (ind == 0 and _is_doc_marker(raw)):
+                break
+            lines.append(raw)
+            j += 1
+        self.pos = j
+        at_eof_without_newline = j == len(self.raw) and not self.final_newline
+        contents = [raw[indent:] if indent is not None else '' for raw in lines]
+        return self._chomp(style, chomp, contents, at_eof_without_newline)
+
+    @staticmethod
+    def _chomp(style, chomp, contents, eof_no_newline):
+        """Join block scalar lines and apply the chomping indicator."""
+        last = len(contents) - 1
+        while last >= 0 and contents[last] == '':
+            last -= 1
+        body = contents[:last + 1]
+        breaks = len(contents) - len(body) + (1 if body else 0) - (1 if eof_no_newline else 0)
+        breaks = max(breaks, 0)
+        text = '\n'.join(body) if style == '|' else _fold_lines(body)
+        if chomp == '-':
+            return text
+        if chomp == '+':
+            return text + '\n' * breaks
+        return text + ('\n' if body and breaks else '')
+
+    def flow(self, i, text):
+        """Parse a [ ] or { } collection that starts on line i and may span lines."""
+        joined = '\n'.join([text] + self.raw[i + 1:])
+        parser = _FlowParser(self, joined, i)
+        value = parser.node()
+        end = joined.find('\n', parser.p)
+        rest = joined[parser.p:] if end < 0 else joined[parser.p:end]
+        if not _is_comment_rest(rest):
+            raise parser.error('unexpected text after the closing bracket')
+        self.pos = i + 1 + joined.count('\n', 0, parser.p)
+        return value
+
+
+class _FlowParser(object):
+    """Parses one flow collection ([a, b] or {k: v}) from text that may hold newlines."""
+
+    def __init__(self, owner, text, first_index):
+        self.owner = owner
+        self.s = text
+        self.p = 0
+        self.first = first_index
+
+    def error(self, message, at=None):
+        """Build a ManifestError for the line holding position `at` (default: current)."""
+        return self.owner.error(self._lineno(at), message)
+
+    def skip_space(self):
+        """Skip spaces, newlines and comments."""
+        s = self.s
+        while self.p < len(s):
+            ch = s[self.p]
+            if ch in ' \t\n':
+                self.p += 1
+            elif ch == '#' and (self.p == 0 or s[self.p - 1] in ' \t\n'):
+                end = s.find('\n', self.p)
+                self.p = len(s) if end < 0 else end
+            else:
+                break
+
+    def node(self):
+        """Parse any flow node at the current position."""
+        self.skip_space()
+        if self.p >= len(self.s):
+            raise self.error('unexpected end of file inside [ ] or { }')
+        ch = self.s[self.p]
+        if ch == '[':
+            return self.sequence()
+        if ch == '{':
+            return self.mapping()
+        if ch in '"\'':
+            value, self.p = self.owner.scan_quoted(self.s, self.p, self._lineno())
+            return value
+        if ch in _PROPS_HELP:
+            raise self.error(_PROPS_HELP[ch])
+        if ch in '|>':
+            raise self.error('block scalars (| or >) cannot be used inside [ ] or { }')
+        if ch in ',]}:':
+            raise self.error('expected a value before %r' % ch)
+        return _resolve_plain(self.plain())
+
+    def _lineno(self, at=None):
+        """1-based line number of position `at` (default: the current position)."""
+        return self.first + 1 + self.s.count('\n', 0, self.p if at is None else at)
+
+    def plain(self):
+        """Scan a plain scalar inside a flow collection."""
+        s, start = self.s, self.p
+        while self.p < len(s):
+            ch = s[self.p]
+            if ch in ',[]{}\n':
+                break
+            if ch == ':' and (self.p + 1 == len(s) or s[self.p + 1] in ' \t\n,[]{}'):
+                break
+            if ch == '#' and s[self.p - 1] in ' \t':
+                break
+            self.p += 1
+        return s[start:self.p].rstrip(' \t')
+
+    def sequence(self):
+        """Parse [a, b, ...]."""
+        start = self.p
+        self.p += 1
+        items = []
+        while True:
+            self.skip_space()
+            if self.p >= len(self.s):
+                raise self.error("unclosed '[' — add the missing ']'", start)
+            if self.s[self.p] == ']':
+                self.p += 1
+                return items
+            items.append(self.node())
+            self.separator(']', start)
+
+    def mapping(self):
+        """Parse {k: v, ...}."""
+        start = self.p
+        self.p += 1
+        result = {}
+        while True:
+            self.skip_space()
+            if self.p >= len(self.s):
+                raise self.error("unclosed '{' — add the missing '}'", start)
+            if self.s[self.p] == '}':
+                self.p += 1
+                return result
+            key_at = self.p
+            key = self.key()
+            value = None
+            self.skip_space()
+            if self.s[self.p:self.p + 1] == ':':
+                self.p += 1
+                self.skip_space()
+                if self.s[self.p:self.p + 1] not in (',', '}', ''):
+                    value = self.node()
+            if key in result:
+                raise self.error('duplicate key %r' % (key,), key_at)
+            result[key] = value
+            self.separator('}', start)
+
+    def key(self):
+        """Parse a scalar mapping key inside { }."""
+        ch = self.s[self.p]
+        if ch in '[{':
+            raise self.error('collections as mapping keys are not supported')
+        if ch == '?' and self.s[self.p + 1:self.p + 2] in (' ', '\t', '\n'):
+            raise self.error('complex keys ("? ") are not supported')
+        if self.s.startswith('<<', self.p):
+            raise self.error('merge keys (<<) are not supported — repeat the keys instead')
+        return self.node()
+
+    def separator(self, closer, start):
+        """Consume the ',' between entries, or stop before the closing bracket."""
+        self.skip_space()
+        if self.p >= len(self.s):
+            raise self.error("unclosed '%s' — add the missing '%s'" % ('[' if closer == ']' else '{', closer),
+                             start)
+        ch = self.s[self.p]
+        if ch == ',':
+            self.p += 1
+        elif ch == ':' and closer == ']':
+            raise self.error('"key: value" inside [ ] is not supported — use { } for mappings')
+        elif ch != closer:
+            hint = '' if self._lineno() == self._lineno(start) else \
+                " — is the '%s' from line %d missing?" % (closer, self._lineno(start))
+            raise self.error("expected ',' or '%s'%s" % (closer, hint))
+
+
+def parse_yaml(text, filename):
+    """Parse a convox.yml/compose YAML document (a practical subset) into Python values."""
+    return _YamlParser(text, filename).parse()
+
+
+# ---------------------------------------------------------------- .env files
+
+_ENV_LINE = r'(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_.-]*)[ \t]*=[ \t]*(.*)\Z'
+_ENV_DQ_ESCAPES = {'n': '\n', 'r': '\r', 't': '\t', '"': '"', '\\': '\\', '$': '$'}
+
+
+def _env_unquote(text):
+    """Split a quoted .env value from what follows it; return (value, rest) or None if unclosed."""
+    quote = text[0]
+    out = []
+    k = 1
+    while k < len(text):
+        ch = text[k]
+        if ch == quote:
+            return ''.join(out), text[k + 1:]
+        if ch == '\\' and quote == '"' and k + 1 < len(text):
+            code = text[k + 1]
+            out.append(_ENV_DQ_ESCAPES.get(code, '\\' + code))
+            k += 2
+            continue
+        out.append(ch)
+        k += 1
+    return None
+
+
+def parse_env_file(text, filename):
+    """Parse a .env file (KEY=VALUE lines) into a dict."""
+    result = {}
+    lines = text.lstrip('\ufeff').replace('\r\n', '\n').split('\n')
+    i = 0
+    while i < len(lines):
+        lineno = i + 1
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith('#'):
+            continue
+        m = re.match(_ENV_LINE, line)
+        if not m:
+            raise ManifestError('%s:%d: expected KEY=VALUE, got %r' % (filename, lineno, line))
+        key, value = m.group(1), m.group(2)
+        if value[:1] in ('"', "'"):
+            parsed = _env_unquote(value)
+            while parsed is None and i < len(lines):  # quoted values may span lines
+                value += '\n' + lines[i]
+                i += 1
+                parsed = _env_unquote(value)
+            if parsed is None:
+                raise ManifestError('%s:%d: unterminated quoted value for %s' % (filename, lineno, key))
+            value, rest = parsed
+            if not _is_comment_rest(rest):
+                raise ManifestError('%s:%d: unexpected text after the closing quote' % (filename, lineno))
+        else:
+            comment = re.search(r'[ \t]#', value)  # "#" starts a comment only after a space
+            value = (value[:comment.start()] if comment else value).strip()
+        result[key] = value
+    return result
+
+
+# ---------------------------------------------------------------- interpolation
+
+_INTERP_NAME = r'[_A-Za-z][_A-Za-z0-9]*'
+_INTERP_BRACED = r'([_A-Za-z][_A-Za-z0-9]*)(?:(:?[-?+])(.*))?\Z'
+
+
+def _closing_brace(text, start):
+    """Index of the '}' closing the '${' whose body starts at `start`, or -1."""
+    depth = 1
+    k = start
+    while k < len(text):
+        if text.startswith('${', k):
+            depth += 1
+            k += 2
+            continue
+        if text[k] == '}':
+            depth -= 1
+            if depth == 0:
+                return k
+        k += 1
+    return -1
+
+
+def _interpolate_braced(body, variables, filename, missing, braces_only):
+    """Evaluate the inside of one ${...} expression."""
+    m = re.match(_INTERP_BRACED, body, re.S)
+    if not m:
+        raise ManifestError('%s: invalid interpolation "${%s}" — use ${NAME}, ${NAME:-default} or '
+                            'write $$ for a literal $' % (filename, body))
+    name, op, arg = m.group(1), m.group(2), m.group(3)
+    value = variables.get(name)
+    if op is None:
+        if value is None:
+            missing.append(name)
+            return ''
+        return value
+    is_set = value is not None and (value != '' or ':' not in op)
+    if op[-1] == '-':
+        return value if is_set else _interpolate_str(arg, variables, filename, missing, braces_only)
+    if op[-1] == '+':
+        return _interpolate_str(arg, variables, filename, missing, braces_only) if is_set else ''
+    if not is_set:  # ? and :?
+        detail = ': ' + arg if arg else ''
+        raise ManifestError('%s: required variable %s is missing a value%s' % (filename, name, detail))
+    return value
+
+
+def _interpolate_str(text, variables, filename, missing, braces_only):
+    """Substitute variables in one string."""
+    if '$' not in text:
+        return text
+    out = []
+    k = 0
+    while k < len(text):
+        dollar = text.find('$', k)
+        if dollar < 0:
+            out.append(text[k:])
+            break
+        out.append(text[k:dollar])
+        nxt = text[dollar + 1:dollar + 2]
+        if nxt == '{':
+            end = _closing_brace(text, dollar + 2)
+            if end < 0:
+                raise ManifestError('%s: unterminated "${" in %r — close it with "}" or write $$ '
+                                    'for a literal $' % (filename, text))
+            out.append(_interpolate_braced(text[dollar + 2:end], variables, filename, missing,
+                                           braces_only))
+            k = end + 1
+            continue
+        if not braces_only:
+            if nxt == '$':
+                out.append('$')
+                k = dollar + 2
+                continue
+            m = re.compile(_INTERP_NAME).match(text, dollar + 1)
+            if m:
+                out.append(_interpolate_braced(m.group(0), variables, filename, missing, braces_only))
+                k = m.end()
+                continue
+        out.append('$')
+        k = dollar + 1
+    return ''.join(out)
+
+
+def _interpolate_value(value, variables, filename, missing, braces_only):
+    """Recursively substitute variables in strings, lists and mappings (keys too)."""
+    if isinstance(value, str):
+        return _interpolate_str(value, variables, filename, missing, braces_only)
+    if isinstance(value, list):
+        return [_interpolate_value(v, variables, filename, missing, braces_only) for v in value]
+    if isinstance(value, dict):
+        return dict((_interpolate_value(k, variables, filename, missing, braces_only),
+                     _interpolate_value(v, variables, filename, missing, braces_only))
+                    for k, v in value.items())
+    return value
+
+
+def interpolate(value, variables, filename, braces_only=False):
+    """Substitute ${VAR}-style variables compose-style; return (new_value, missing_names).
+
+    braces_only=True handles only ${...} and leaves $VAR and $$ alone (convox.yml semantics,
+    where "$VAR" in a command is meant for the container's shell).
+    """
+    missing = []
+    result = _interpolate_value(value, variables, filename, missing, braces_only)
+    unique = []
+    for name in missing:
+        if name not in unique:
+            unique.append(name)
+    return result, unique
+
+
+# ---------------------------------------------------------------- manifest model
+
+_SERVICE_NAME = r'[a-z0-9][a-z0-9_.-]*\Z'
+_VOLUME_NAME = r'[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z'
+_ENV_KEY = r'[A-Za-z_][A-Za-z0-9_.-]*\Z'
+_CONVOX_TOP_IGNORED = ('resources', 'timers', 'balancers', 'params', 'labels', 'configs', 'appSettings')
+_CONVOX_SERVICE_IGNORED = (
+    'health', 'domain', 'resources', 'timeout', 'termination', 'deployment', 'agent', 'sticky',
+    'internal', 'certificate', 'drain', 'singleton', 'tls', 'whitelist', 'init', 'test', 'labels',
+    'annotations', 'privileged', 'internalRouter', 'nlb', 'ingressAnnotations', 'configMounts',
+    'accessControl', 'volumeOptions', 'dnsConfig', 'lifecycle')
+_COMPOSE_TOP_IGNORED = ('version', 'volumes', 'networks', 'name', 'secrets', 'configs')
+# Accepted quietly: they only affect naming/networking/restarts that convox start manages itself.
+_COMPOSE_SERVICE_QUIET = ('container_name', 'networks', 'restart', 'expose', 'deploy')
+_MEMORY_UNITS = {'': 1, 'b': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30, 't': 1 << 40, 'p': 1 << 50}
+
+
+class Service(object):
+    """One service of a manifest, normalised for both convox.yml and compose files."""
+
+    def __init__(self, name):
+        self.name = name
+        self.build = None
+        self.image = None
+        self.command = None
+        self.entrypoint = None
+        self.environment = {}
+        self.ports = []
+        self.memory = None
+        self.volumes = []
+        self.links = []
+        self.labels = {}
+
+    def __repr__(self):
+        return '<Service %s>' % self.name
+
+
+class Manifest(object):
+    """A loaded convox.yml or compose file."""
+
+    def __init__(self, path, kind):
+        self.path = path
+        self.directory = os.path.dirname(path)
+        self.kind = kind
+        self.services = {}
+        self.warnings = []
+
+    def dependencies(self, name):
+        """Services `name` needs, transitively, dependencies first and `name` last."""
+        if name not in self.services:
+            raise ManifestError('no service named %r (services: %s)'
+                                % (name, ', '.join(self.services) or 'none'))
+        order = []
+        state = {}
+
+        def visit(current, trail):
+            if state.get(current) == 'done':
+                return
+            if state.get(current) == 'active':
+                cycle = trail[trail.index(current):] + [current]
+                raise ManifestError('dependency cycle: %s' % ' -> '.join(cycle))
+            state[current] = 'active'
+            for dep in self.services[current].links:
+                visit(dep, trail + [current])
+            state[current] = 'done'
+            order.append(current)
+
+        visit(name, [])
+        return order
+
+
+class _Ctx(object):
+    """What the manifest builders share: file name for messages, folder, variables, warnings."""
+
+    def __init__(self, manifest, display, variables):
+        self.manifest = manifest
+        self.display = display
+        self.directory = manifest.directory
+        self.variables = variables
+        self.missing_required = set()
+
+    def error(self, where, message):
+        """A ManifestError naming the file and the key path."""
+        return ManifestError('%s: %s %s' % (self.display, where, message) if where
+                             else '%s: %s' % (self.display, message))
+
+    def warn(self, where):
+        """Record an ignored, unsupported key."""
+        self.manifest.warnings.append('%s: %s is not supported and is ignored' % (self.display, where))
+
+    def path(self, value):
+        """Resolve a path from the manifest against the manifest's folder."""
+        return os.path.normpath(os.path.join(self.directory, os.path.expanduser(value)))
+
+
+def _display_path(path):
+    """A path for messages: relative to the working directory when below it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith('..') else rel
+
+
+def _read_text(path, display):
+    """Read a UTF-8 text file or raise ManifestError."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise ManifestError('%s: cannot read: %s' % (display, e.strerror or e))
+    try:
+        return data.decode('utf-8')
+    except UnicodeDecodeError:
+        raise ManifestError('%s: not valid UTF-8 text' % display)
+
+
+def _key_str(key, ctx, where):
+    """Mapping keys as strings: YAML may have made them ints or bools."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool):
+        return 'true' if key else 'false'
+    if isinstance(key, (int, float)):
+        return str(key)
+    raise ctx.error(where, 'has an empty key')
+
+
+def _scalar_str(value, ctx, where):
+    """Render a scalar value as a string the way compose does (true/false, 1, 1.5)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value == value and abs(value) < 1e21 and value == int(value):
+            return str(int(value))
+        return repr(value)
+    raise ctx.error(where, 'must be a string, not a %s' % _type_name(value))
+
+
+def _type_name(value):
+    """A user-facing name for a parsed YAML value's type."""
+    if value is None:
+        return 'null'
+    if isinstance(value, bool):
+        return 'boolean'
+    if isinstance(value, (int, float)):
+        return 'number'
+    if isinstance(value, list):
+        return 'list'
+    if isinstance(value, dict):
+        return 'mapping'
+    return 'string'
+
+
+def _expect(value, types, ctx, where, what):
+    """Return value if it has one of `types`, else raise '<where> must be <what>'."""
+    if isinstance(value, bool) and bool not in types:
+        raise ctx.error(where, 'must be %s' % what)
+    if not isinstance(value, types):
+        raise ctx.error(where, 'must be %s' % what)
+    return value
+
+
+def _string_list(value, ctx, where, what='a list of strings'):
+    """A list of scalars as strings."""
+    _expect(value, list, ctx, where, what)
+    out = []
+    for item in value:
+        if isinstance(item, (list, dict)) or item is None:
+            raise ctx.error(where, 'must be %s' % what)
+        out.append(_scalar_str(item, ctx, where))
+    return out
+
+
+def _port_number(value, ctx, where):
+    """Validate a port number (int or digit string)."""
+    if isinstance(value, str) and re.match(r'[0-9]+\Z', value.strip()):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ctx.error(where, 'must be a port number between 1 and 65535')
+    return value
+
+
+def _port(host_ip, host_port, container_port, protocol):
+    """One published port in the model's shape."""
+    return {'host_ip': host_ip, 'host_port': host_port, 'container_port': container_port,
+            'protocol': protocol}
+
+
+def _parse_memory(value, ctx, where):
+    """Docker memory sizes (512m, 1g, 1.5g, 268435456) in MiB, rounded up."""
+    if isinstance(value, bool) or value is None:
+        raise ctx.error(where, 'must be a size like 512m or 1g')
+    if isinstance(value, (int, float)):
+        size = value
+    elif isinstance(value, str):
+        m = re.match(r'\s*([0-9]+(?:\.[0-9]+)?) ?([bkmgtp]?)i?b?\s*\Z', value, re.I)
+        if not m:
+            raise ctx.error(where, 'must be a size like 512m or 1g')
+        size = float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()]
+    else:
+        raise ctx.error(where, 'must be a size like 512m or 1g')
+    return int(-(-size // (1 << 20)))
+
+
+def _short_volume(spec, ctx, where):
+    """Parse "/path", "name:/path", "./rel:/path[:ro]" volume strings."""
+    parts = spec.split(':')
+    if len(parts) > 3 or not spec:
+        raise ctx.error(where, 'has a bad volume %r — use SOURCE:TARGET[:ro]' % spec)
+    if len(parts) == 1:
+        source, target, options = '', parts[0], ''
+    else:
+        source, target = parts[0], parts[1]
+        options = parts[2] if len(parts) == 3 else ''
+    if not target.startswith('/'):
+        raise ctx.error(where, 'has a bad volume %r — the target must be an absolute path' % spec)
+    read_only = 'ro' in options.split(',')
+    if not source:
+        return {'type': 'volume', 'source': '', 'target': target, 'read_only': read_only}
+    if source[0] in './~':
+        return {'type': 'bind', 'source': ctx.path(source), 'target': target, 'read_only': read_only}
+    if not re.match(_VOLUME_NAME, source):
+        raise ctx.error(where, 'has a bad volume name %r' % source)
+    return {'type': 'volume', 'source': source, 'target': target, 'read_only': read_only}
+
+
+def _check_links(ctx):
+    """Every link/depends_on must name a service of this manifest."""
+    services = ctx.manifest.services
+    for svc in services.values():
+        for dep in svc.links:
+            if dep not in services:
+                raise ctx.error('services.%s' % svc.name,
+                                'depends on unknown service %r (services: %s)'
+                                % (dep, ', '.join(services)))
+
+
+def _service_map(top, ctx):
+    """The services mapping of a manifest, validated."""
+    services = top.get('services')
+    if services is None or services == {}:
+        raise ctx.error('', 'no services defined — add a "services:" section')
+    _expect(services, dict, ctx, 'services', 'a mapping of service names')
+    out = []
+    for key, spec in services.items():
+        name = _key_str(key, ctx, 'services')
+        if not re.match(_SERVICE_NAME, name):
+            raise ctx.error('services.%s' % name, 'is not a valid service name — use lowercase '
+                                                  'letters, digits, "-", "_" and "."')
+        where = 'services.%s' % name
+        if spec is None:
+            spec = {}
+        _expect(spec, dict, ctx, where, 'a mapping')
+        out.append((name, where, spec))
+    return out
+
+
+# ---------------------------------------------------------------- convox.yml
+
+def _convox_env_list(value, ctx, where):
+    """Parse a convox environment list into [(KEY, default or None)]."""
+    if value is None:
+        return []
+    entries = _string_list(value, ctx, where, 'a list of KEY or KEY=default')
+    out = []
+    for entry in entries:
+        key, sep, default = entry.partition('=')
+        key = key.strip()
+        if not re.match(_ENV_KEY, key):
+            raise ctx.error(where, 'has a bad entry %r — use KEY or KEY=default' % entry)
+        out.append((key, default if sep else None))
+    return out
+
+
+def _convox_build(value, ctx, where):
+    """services.X.build: a path or {path, manifest}."""
+    if value is None:
+        value = '.'
+    if isinstance(value, str):
+        return {'context': ctx.path(value), 'dockerfile': 'Dockerfile', 'args': {}}
+    _expect(value, dict, ctx, where, 'a path or a mapping with path and manifest')
+    path, dockerfile = '.', 'Dockerfile'
+    for key, item in value.items():
+        key = _key_str(key, ctx, where)
+        if key == 'path':
+            path = _expect(item, str, ctx, where + '.path', 'a path')
+        elif key == 'manifest':
+            dockerfile = _expect(item, str, ctx, where + '.manifest', 'a Dockerfile name')
+        else:
+            ctx.warn('%s.%s' % (where, key))
+    return {'context': ctx.path(path), 'dockerfile': dockerfile, 'args': {}}
+
+
+def _convox_command(value, ctx, where):
+    """A string command runs through sh -c; a list is the argv."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ['sh', '-c', value] if value.strip() else None
+    return _string_list(value, ctx, where, 'a string or a list of strings')
+
+
+def _convox_port(value, ctx, where):
+    """`port: 3000`, `port: http:3000`, `port: https:3000` (or {port, scheme})."""
+    if isinstance(value, dict):
+        value = value.get('port')
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        m = re.match(r'\s*(?:(?:http|https):)?([0-9]+)\s*\Z', value)
+        number = int(m.group(1)) if m else None
+    if number is None or not 1 <= number <= 65535:
+        raise ctx.error(where, 'must be a number or "http:NUMBER"')
+    return _port('127.0.0.1', number, number, 'tcp')
+
+
+def _convox_ports(value, ctx, where):
+    """`ports: [5000, "5001/udp"]`: extra ports published on the same host port."""
+    out = []
+    for item in _string_list(value, ctx, where, 'a list of NUMBER or NUMBER/udp'):
+        m = re.match(r'\s*([0-9]+)(?:/(tcp|udp))?\s*\Z', item)
+        if not m:
+            raise ctx.error(where, 'must be a list of NUMBER or NUMBER/udp')
+        number = _port_number(m.group(1), ctx, where)
+        out.append(_port('127.0.0.1', number, number, m.group(2) or 'tcp'))
+    return out
+
+
+def _convox_scale(value, ctx, where):
+    """Return scale.memory in MiB; count, cpu and friends are not used locally."""
+    if not isinstance(value, dict):
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return None  # "scale: 2" / "scale: 1-3" is a count
+        raise ctx.error(where, 'must be a mapping like {count: 1, memory: 512}')
+    memory = None
+    for key, item in value.items():
+        key = _key_str(key, ctx, where)
+        if key == 'memory':
+            if isinstance(item, str) and re.match(r'\s*[0-9]+\s*\Z', item):
+                item = int(item)
+            memory = _expect(item, int, ctx, where + '.memory', 'a number of megabytes')
+        elif key not in ('count', 'cpu', 'gpu', 'targets', 'limit', 'keda'):
+            ctx.warn('%s.%s' % (where, key))
+    return memory
+
+
+def _convox_service(name, where, spec, top_env, ctx):
+    """Build one Service from a convox.yml service mapping."""
+    svc = Service(name)
+    own_env = []
+    has_build = False
+    for key, value in spec.items():
+        key = _key_str(key, ctx, where)
+        at = '%s.%s' % (where, key)
+        if key == 'build':
+            svc.build, has_build = _convox_build(value, ctx, at), True
+        elif key == 'image':
+            svc.image = _expect(value, str, ctx, at, 'an image name')
+        elif key == 'command':
+            svc.command = _convox_command(value, ctx, at)
+        elif key == 'environment':
+            own_env = _convox_env_list(value, ctx, at)
+        elif key == 'port':
+            svc.ports.insert(0, _convox_port(value, ctx, at))
+        elif key == 'ports':
+            svc.ports.extend(_convox_ports(value, ctx, at))
+        elif key == 'scale':
+            svc.memory = _convox_scale(value, ctx, at)
+        elif key == 'volumes':
+            svc.volumes = [_short_volume(v, ctx, at) for v in _string_list(value, ctx, at)]
+        elif key == 'links':
+            svc.links = _string_list(value, ctx, at, 'a list of service names')
+        elif key not in _CONVOX_SERVICE_IGNORED:
+            ctx.warn(at)
+    if not has_build and svc.image is None:
+        svc.build = _convox_build('.', ctx, where + '.build')  # convox builds "." by default
+    svc.environment = _convox_env_values(top_env + own_env, ctx)
+    return svc
+
+
+def _convox_env_values(entries, ctx):
+    """Final values: environ/.env beat defaults; required keys with no value are collected."""
+    declared = {}
+    for key, default in entries:
+        declared[key] = default  # later (service) entries win over top-level ones
+    values = {}
+    for key, default in declared.items():
+        if key in ctx.variables:
+            values[key] = ctx.variables[key]
+        elif default is not None:
+            values[key] = default
+        else:
+            ctx.missing_required.add(key)
+    return values
+
+
+def _build_convox(data, ctx):
+    """Fill ctx.manifest from a parsed convox.yml."""
+    top = _expect(data, dict, ctx, '', 'a mapping with a "services:" section')
+    for key in top:
+        key = _key_str(key, ctx, '')
+        if key not in ('environment', 'services') + _CONVOX_TOP_IGNORED:
+            ctx.warn(key)
+    top_env = _convox_env_list(top.get('environment'), ctx, 'environment')
+    for name, where, spec in _service_map(top, ctx):
+        ctx.manifest.services[name] = _convox_service(name, where, spec, top_env, ctx)
+    _check_links(ctx)
+    if ctx.missing_required:
+        raise ManifestError('required env: %s' % ', '.join(sorted(ctx.missing_required)))
+
+
+# ---------------------------------------------------------------- compose
+
+def _compose_kv_list(value, ctx, where, unset):
+    """Compose "KEY=VALUE" lists or KEY: VALUE maps; `unset(key)` supplies a bare KEY's value."""
+    out = {}
+    if value is None:
+        return out
+    if isinstance(value, dict):
+        for key, item in value.items():
+            key = _key_str(key, ctx, where)
+            if item is None:
+                fallback = unset(key)
+                if fallback is not None:
+                    out[key] = fallback
+            else:
+                out[key] = _scalar_str(item, ctx, '%s.%s' % (where, key))
+        return out
+    for entry in _string_list(value, ctx, where, 'a list of KEY=VALUE or a mapping'):
+        key, sep, item = entry.partition('=')
+        if sep:
+            out[key] = item
+        else:
+            fallback = unset(key.strip())
+            if fallback is not None:
+                out[key.strip()] = fallback
+    return out
+
+
+def _compose_build(value, ctx, where):
+    """build: a context path or {context, dockerfile, args}."""
+    if isinstance(value, str):
+        value = {'context': value}
+    _expect(value, dict, ctx, where, 'a path or a mapping with context, dockerfile and args')
+    context, dockerfile, args = '.', 'Dockerfile', {}
+    for key, item in value.items():
+        key = _key_str(key, ctx, where)
+        at = '%s.%s' % (where, key)
+        if key == 'context':
+            context = _expect(item, str, ctx, at, 'a path')
+        elif key == 'dockerfile':
+            dockerfile = _expect(item, str, ctx, at, 'a file name')
+        elif key == 'args':
+            args = _compose_kv_list(item, ctx, at, ctx.variables.get)
+        else:
+            ctx.warn(at)
+    if re.match(r'[a-z][a-z0-9+.-]*://', context) or context.startswith('git@'):
+        raise ctx.error(where + '.context', 'is a remote URL; only local build folders are supported')
+    return {'context': ctx.path(context), 'dockerfile': dockerfile, 'args': args}
+
+
+def _compose_command(value, ctx, where):
+    """A string command is split like a shell would (compose semantics); a list is the argv."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        import shlex
+        try:
+            return shlex.split(value)
+        except ValueError as e:
+            raise ctx.error(where, 'cannot be split into arguments: %s' % e)
+    return _string_list(value, ctx, where, 'a string or a list of strings')
+
+
+def _port_range(text, ctx, where):
+    """'8080' or '8080-8085' -> list of ints."""
+    m = re.match(r'([0-9]+)(?:-([0-9]+))?\Z', text)
+    if not m:
+        raise ctx.error(where, 'has a bad port %r' % text)
+    first = _port_number(m.group(1), ctx, where)
+    last = _port_number(m.group(2), ctx, where) if m.group(2) else first
+    if last < first:
+        raise ctx.error(where, 'has a bad port range %r' % text)
+    return list(range(first, last + 1))
+
+
+def _compose_port_string(text, ctx, where):
+    """Parse "80", "8080:80", "127.0.0.1:8080:80", "[::1]:8080:80", "8080:80/udp", ranges."""
+    spec, _, protocol = text.strip().partition('/')
+    protocol = protocol.lower() or 'tcp'
+    if protocol not in ('tcp', 'udp'):
+        raise ctx.error(where, 'has an unsupported protocol in %r (use tcp or udp)' % text)
+    host_ip = '0.0.0.0'
+    if spec.startswith('['):
+        end = spec.find(']')
+        if end < 0 or spec[end + 1:end + 2] != ':':
+            raise ctx.error(where, 'has a bad port %r' % text)
+        host_ip, spec = spec[1:end], spec[end + 2:]
+        parts = [''] + spec.split(':') if spec.count(':') == 0 else spec.split(':')
+    else:
+        parts = spec.split(':')
+        if len(parts) == 3:
+            host_ip = parts.pop(0) or '0.0.0.0'
+    if len(parts) == 1:
+        parts.insert(0, '')
+    if len(parts) != 2:
+        raise ctx.error(where, 'has a bad port %r — use [HOST_IP:][HOST_PORT:]PORT[/udp]' % text)
+    containers = _port_range(parts[1], ctx, where)
+    hosts = _port_range(parts[0], ctx, where) if parts[0] else [None] * len(containers)
+    if len(hosts) != len(containers):
+        raise ctx.error(where, 'has port ranges of different sizes in %r' % text)
+    return [_port(host_ip, h, c, protocol) for h, c in zip(hosts, containers)]
+
+
+def _compose_port_long(value, ctx, where):
+    """Parse the long port form {target, published, host_ip, protocol}."""
+    target, published, host_ip, protocol = None, None, '0.0.0.0', 'tcp'
+    for key, item in value.items():
+        key = _key_str(key, ctx, where)
+        at = '%s.%s' % (where, key)
+        if key == 'target':
+            target = _port_number(item, ctx, at)
+        elif key == 'published':
+            if item not in (None, ''):
+                published = _port_number(item, ctx, at)
+        elif key == 'host_ip':
+            host_ip = _expect(item, str, ctx, at, 'an IP address')
+        elif key == 'protocol':
+            protocol = _expect(item, str, ctx, at, 'tcp or udp').lower()
+            if protocol not in ('tcp', 'udp'):
+                raise ctx.error(at, 'must be tcp or udp')
+        elif key not in ('mode', 'name', 'app_protocol'):
+            ctx.warn(at)
+    if target is None:
+        raise ctx.error(where, 'needs a target port')
+    return _port(host_ip, published, target, protocol)
+
+
+def _compose_ports(value, ctx, where):
+    """ports: list of strings, numbers or long-form mappings."""
+    _expect(value, list, ctx, where, 'a list')
+    out = []
+    for item in value:
+        if isinstance(item, dict):
+            out.append(_compose_port_long(item, ctx, where))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            out.append(_port('0.0.0.0', None, _port_number(item, ctx, where), 'tcp'))
+        elif isinstance(item, str):
+            out.extend(_compose_port_string(item, ctx, where))
+        else:
+            raise ctx.error(where, 'entries must be strings like "8080:80" or numbers')
+    return out
+
+
+def _compose_volume_long(value, ctx, where):
+    """Parse the long volume form {type, source, target, read_only}; None for unsupported types."""
+    source = value.get('source') or ''
+    kind = value.get('type') or ('bind' if str(source)[:1] in './~' else 'volume')
+    if kind not in ('bind', 'volume'):
+        ctx.manifest.warnings.append('%s: %s: volumes of type %s are not supported and are ignored'
+                                     % (ctx.display, where, kind))
+        return None
+    target = _expect(value.get('target'), str, ctx, where + '.target', 'an absolute path')
+    source = _expect(source, str, ctx, where + '.source', 'a path or volume name')
+    read_only = _expect(value.get('read_only', False), bool, ctx, where + '.read_only', 'true or false')
+    if kind == 'bind':
+        source = ctx.path(source)
+    return {'type': kind, 'source': source, 'target': target, 'read_only': read_only}
+
+
+def _compose_volumes(value, ctx, where):
+    """volumes: short strings or long-form mappings."""
+    _expect(value, list, ctx, where, 'a list')
+    out = []
+    for item in value:
+        if isinstance(item, dict):
+            volume = _compose_volume_long(item, ctx, where)
+            if volume:
+                out.append(volume)
+        elif isinstance(item, str):
+            out.append(_short_volume(item, ctx, where))
+        else:
+            raise ctx.error(where, 'entries must be strings like "./src:/app" or mappings')
+    return out
+
+
+def _compose_env_files(value, ctx, where):
+    """Merge env_file files in order (later files win)."""
+    entries = value if isinstance(value, list) else [value]
+    out = {}
+    for entry in entries:
+        required = True
+        if isinstance(entry, dict):
+            required = entry.get('required', True) is not False
+            entry = entry.get('path')
+        path = ctx.path(_expect(entry, str, ctx, where, 'a path or a list of paths'))
+        display = _display_path(path)
+        if not os.path.isfile(path):
+            if required:
+                raise ctx.error(where, 'file %s not found' % display)
+            continue
+        out.update(parse_env_file(_read_text(path, display), display))
+    return out
+
+
+def _compose_depends(value, ctx, where):
+    """depends_on: a list, or a mapping whose keys are service names."""
+    if isinstance(value, dict):
+        return [_key_str(k, ctx, where) for k in value]
+    return _string_list(value, ctx, where, 'a list of service names')
+
+
+def _compose_memory_from_deploy(value, ctx, where):
+    """deploy.resources.limits.memory, the compose v3 way of setting mem_limit."""
+    memory = value
+    for key in ('resources', 'limits', 'memory'):
+        memory = memory.get(key) if isinstance(memory, dict) else None
+    return None if memory is None else _parse_memory(memory, ctx, where + '.resources.limits.memory')
+
+
+def _compose_service(name, where, spec, ctx):
+    """Build one Service from a compose service mapping."""
+    svc = Service(name)
+    env_files, env = {}, {}
+    deploy_memory = None
+    for key, value in spec.items():
+        key = _key_str(key, ctx, where)
+        at = '%s.%s' % (where, key)
+        if key == 'build':
+            svc.build = _compose_build(value, ctx, at)
+        elif key == 'image':
+            svc.image = _scalar_str(_expect(value, (str, int), ctx, at, 'an image name'), ctx, at)
+        elif key in ('command', 'entrypoint'):
+            setattr(svc, key, _compose_command(value, ctx, at))
+        elif key == 'environment':
+            env = _compose_kv_list(value, ctx, at, ctx.variables.get)
+        elif key == 'env_file':
+            env_files = _compose_env_files(value, ctx, at)
+        elif key == 'ports':
+            svc.ports = _compose_ports(value, ctx, at)
+        elif key == 'volumes':
+            svc.volumes = _compose_volumes(value, ctx, at)
+        elif key == 'depends_on':
+            svc.links.extend(_compose_depends(value, ctx, at))
+        elif key == 'links':
+            svc.links.extend(link.split(':')[0] for link in _string_list(value, ctx, at))
+        elif key == 'mem_limit':
+            svc.memory = _parse_memory(value, ctx, at)
+        elif key == 'labels':
+            svc.labels = _compose_kv_list(value, ctx, at, lambda k: '')
+        elif key == 'deploy':
+            deploy_memory = _compose_memory_from_deploy(value, ctx, at)
+        elif key not in _COMPOSE_SERVICE_QUIET and not key.startswith('x-'):
+            ctx.warn(at)
+    if svc.build is None and svc.image is None:
+        raise ctx.error(where, 'needs "image" or "build"')
+    if svc.memory is None:
+        svc.memory = deploy_memory
+    svc.links = list(dict.fromkeys(svc.links))  # depends_on + links may repeat a name
+    env_files.update(env)
+    svc.environment = env_files
+    return svc
+
+
+def _build_compose(data, ctx):
+    """Fill ctx.manifest from a parsed compose file."""
+    top = _expect(data, dict, ctx, '', 'a mapping with a "services:" section')
+    if 'services' not in top and any(isinstance(v, dict) and ('image' in v or 'build' in v)
+                                     for v in top.values()):
+        raise ctx.error('', 'this looks like a version 1 compose file; put the services under '
+                            '"services:" (compose file format 2 or later)')
+    for key in top:
+        key = _key_str(key, ctx, '')
+        if key != 'services' and key not in _COMPOSE_TOP_IGNORED and not key.startswith('x-'):
+            ctx.warn(key)
+    for name, where, spec in _service_map(top, ctx):
+        ctx.manifest.services[name] = _compose_service(name, where, spec, ctx)
+    _check_links(ctx)
+
+
+def load_manifest(path, environ):
+    """Load convox.yml/convox.yaml (convox) or any other file name (compose) into a Manifest."""
+    full = os.path.abspath(path)
+    display = _display_path(full)
+    kind = 'convox' if os.path.basename(full) in ('convox.yml', 'convox.yaml') else 'compose'
+    if not os.path.isfile(full):
+        raise ManifestError('%s: file not found' % display)
+    data = parse_yaml(_read_text(full, display), display)
+    manifest = Manifest(full, kind)
+    dotenv_path = os.path.join(manifest.directory, '.env')
+    variables = {}
+    if os.path.isfile(dotenv_path):
+        dotenv_display = _display_path(dotenv_path)
+        variables = parse_env_file(_read_text(dotenv_path, dotenv_display), dotenv_display)
+    variables.update(environ)
+    data, missing = interpolate(data, variables, display, braces_only=(kind == 'convox'))
+    for name in missing:
+        manifest.warnings.append('%s: variable %s is not set; using an empty string' % (display, name))
+    ctx = _Ctx(manifest, display, variables)
+    if data is None:
+        raise ctx.error('', 'the file is empty — add a "services:" section')
+    if kind == 'convox':
+        _build_convox(data, ctx)
+    else:
+        _build_compose(data, ctx)
+    return manifest
+
+
+# ---------------------------------------------------------------- .dockerignore
+
+def _go_clean(path):
+    """Go's filepath.Clean for '/'-separated paths."""
+    rooted = path.startswith('/')
+    parts = []
+    for seg in path.split('/'):
+        if seg in ('', '.'):
+            continue
+        if seg == '..':
+            if parts and parts[-1] != '..':
+                parts.pop()
+            elif not rooted:
+                parts.append('..')
+            continue
+        parts.append(seg)
+    cleaned = '/'.join(parts)
+    if rooted:
+        return '/' + cleaned
+    return cleaned or '.'
+
+
+def _dockerignore_regex(pattern):
+    """Translate a cleaned pattern like moby's patternmatcher; return (kind, regex text)."""
+    regex, kind, k, first = '^', 'exact', 0, True
+    while k < len(pattern):
+        ch = pattern[k]
+        k += 1
+        if ch == '*' and pattern[k:k + 1] == '*':
+            k += 1
+            if pattern[k:k + 1] == '/':
+                k += 1  # "**/" is treated as "**"
+            if k >= len(pattern):
+                if kind == 'exact':
+                    kind = 'prefix'
+                else:
+                    regex, kind = regex + '.*', 'regexp'
+            else:
+                regex, kind = regex + '(.*/)?', 'regexp'  # any number of segments, even none
+            if first:
+                kind = 'suffix'
+        elif ch == '*':
+            regex, kind = regex + '[^/]*', 'regexp'
+        elif ch == '?':
+            regex, kind = regex + '[^/]', 'regexp'
+        elif ch in '.+()|{}$':
+            regex += '\\' + ch
+        elif ch == '\\':
+            if k < len(pattern):
+                regex, kind = regex + '\\' + pattern[k], 'regexp'
+                k += 1
+            else:
+                regex += '\\'
+        elif ch in '[]':
+            regex, kind = regex + ch, 'regexp'
+        else:
+            regex += ch
+        first = False
+    return kind, regex
+
+
+def _dockerignore_pattern(pattern):
+    """Compile one cleaned pattern into a path -> bool function."""
+    kind, regex = _dockerignore_regex(pattern)
+    if kind == 'exact':
+        return lambda path: path == pattern
+    if kind == 'prefix':
+        prefix = pattern[:-2]
+        return lambda path: path.startswith(prefix)
+    if kind == 'suffix':
+        suffix = pattern[2:]
+        return lambda path: path.endswith(suffix) or (suffix[:1] == '/' and path == suffix[1:])
+    try:
+        compiled = re.compile(regex + r'\Z')
+    except re.error:
+        raise ManifestError('.dockerignore: bad pattern %r' % pattern)
+    return lambda path: compiled.match(path) is not None
+
+
+def _dockerignore_lines(lines):
+    """Normalise .dockerignore lines like Docker's ReadAll; return [(exclusion, pattern)]."""
+    out = []
+    for line in lines:
+        if line.startswith('#'):
+            continue
+        pattern = line.strip()
+        if not pattern:
+            continue
+        invert = pattern.startswith('!')
+        if invert:
+            pattern = pattern[1:].strip()
+        if pattern:
+            pattern = _go_clean(pattern)
+            if len(pattern) > 1 and pattern[0] == '/':
+                pattern = pattern[1:]
+        if invert and not pattern:
+            raise ManifestError('.dockerignore: illegal exclusion pattern "!"')
+        out.append((invert, _go_clean(pattern)))
+    return out
+
+
+def dockerignore_matcher(lines):
+    """Return excluded(relpath) -> bool implementing Docker's .dockerignore semantics."""
+    patterns = [(exclusion, text, _dockerignore_pattern(text))
+                for exclusion, text in _dockerignore_lines(lines)]
+
+    def excluded(relpath):
+        """True when relpath (relative to the context, '/'-separated) is ignored."""
+        path = _go_clean(relpath.replace(os.sep, '/'))
+        if path == '.':
+            return False
+        parent = path.rpartition('/')[0]
+        parent_dirs = parent.split('/') if parent else []
+        matched = False
+        for exclusion, _, match in patterns:
+            if exclusion != matched:
+                continue  # only an exception can undo a match, only a pattern can make one
+            hit = match(path) or any(match('/'.join(parent_dirs[:k + 1]))
+                                     for k in range(len(parent_dirs)))
+            if hit:
+                matched = not exclusion
+        return matched
+
+    excluded.patterns = [(exclusion, text) for exclusion, text, _ in patterns]
+    return excluded
+
+
+def read_dockerignore(context_dir):
+    """Lines of context_dir/.dockerignore, or [] when there is none."""
+    path = os.path.join(context_dir, '.dockerignore')
+    if not os.path.isfile(path):
+        return []
+    return _read_text(path, _display_path(path)).lstrip('\ufeff').splitlines()
+
+
+# ---------------------------------------------------------------- build context tar
+
+_TAR_CHUNK = 64 * 1024
+_S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
+
+
+def _may_reinclude(excluded, rel_dir):
+    """Whether some '!' exception could re-include something below an excluded directory."""
+    dir_slash = rel_dir + '/'
+    for exclusion, pattern in excluded.patterns:
+        if not exclusion:
+            continue
+        if (pattern + '/').startswith(dir_slash):
+            return True  # Docker's own rule: "!dir/file" below this directory
+        literal = re.split(r'[*?\[\\]', pattern, 1)[0]
+        if literal != pattern and dir_slash.startswith(literal):
+            return True  # a wildcard exception such as "!**/keep.md" might match inside
+    return False
+
+
+def _walk_context(root, rel_dir, excluded):
+    """Yield (relpath, fullpath, lstat) for everything to send, in sorted depth-first order."""
+    full_dir = os.path.join(root, rel_dir) if rel_dir else root
+    try:
+        names = sorted(os.listdir(full_dir))
+    except OSError as e:
+        raise ManifestError('cannot read %s: %s' % (_display_path(full_dir), e.strerror or e))
+    for name in names:
+        rel = rel_dir + '/' + name if rel_dir else name
+        full = os.path.join(full_dir, name)
+        st = os.lstat(full)
+        is_dir = st.st_mode & _S_IFMT == _S_IFDIR
+        if excluded(rel):
+            if is_dir and _may_reinclude(excluded, rel):
+                for item in _walk_context(root, rel, excluded):
+                    yield item
+            continue
+        yield rel, full, st
+        if is_dir:
+            for item in _walk_context(root, rel, excluded):
+                yield item
+
+
+def _tar_member(tarfile, rel, full, st):
+    """Yield the tar header and (for files) the padded contents of one entry."""
+    info = tarfile.TarInfo(rel)
+    info.mode = st.st_mode & 0o7777
+    info.mtime = int(st.st_mtime)
+    info.uid = info.gid = 0
+    info.uname = info.gname = ''
+    fmt = st.st_mode & _S_IFMT
+    if fmt == _S_IFLNK:
+        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(full)
+    elif fmt == _S_IFDIR:
+        info.type = tarfile.DIRTYPE
+    elif fmt == _S_IFREG:
+        info.type, info.size = tarfile.REGTYPE, st.st_size
+    else:
+        return  # sockets, fifos and devices do not belong in a build context
+    yield info.tobuf(tarfile.PAX_FORMAT, 'utf-8', 'surrogateescape')
+    if info.type == tarfile.REGTYPE:
+        for piece in _file_pieces(full, info.size):
+            yield piece
+
+
+def _file_pieces(full, size):
+    """Yield exactly `size` bytes of a file (zero-padded if it shrank) plus tar block padding."""
+    remaining = size
+    try:
+        with open(full, 'rb') as f:
+            while remaining > 0:
+                data = f.read(min(_TAR_CHUNK, remaining))
+                if not data:
+                    break
+                remaining -= len(data)
+                yield data
+    except OSError as e:
+        raise ManifestError('cannot read %s: %s' % (_display_path(full), e.strerror or e))
+    if remaining:
+        yield b'\0' * remaining
+    if size % 512:
+        yield b'\0' * (512 - size % 512)
+
+
+def _tar_stream(root, excluded):
+    """Generate the tar archive in chunks of about 64 KiB."""
+    import tarfile
+    buf = bytearray()
+    for rel, full, st in _walk_context(root, '', excluded):
+        for piece in _tar_member(tarfile, rel, full, st):
+            buf += piece
+            if len(buf) >= _TAR_CHUNK:
+                yield bytes(buf)
+                del buf[:]
+    buf += b'\0' * 1024  # end-of-archive marker: two empty blocks
+    yield bytes(buf)
+
+
+def tar_context(context_dir, dockerfile='Dockerfile'):
+    """Return a generator of bytes chunks: an uncompressed tar of the build context."""
+    if not os.path.isdir(context_dir):
+        raise ManifestError('build context %s does not exist' % _display_path(context_dir))
+    lines = read_dockerignore(context_dir)
+    excluded = dockerignore_matcher(lines)
+    if os.path.isabs(dockerfile):
+        dockerfile = os.path.relpath(dockerfile, context_dir)
+    dockerfile = _go_clean(dockerfile.replace(os.sep, '/'))
+    # Docker always sends the Dockerfile and .dockerignore: it appends "!" exceptions for them.
+    keep = [name for name in (dockerfile, '.dockerignore')
+            if name != '..' and not name.startswith('../') and excluded(name)]
+    if keep:
+        excluded = dockerignore_matcher(list(lines) + ['!' + name for name in keep])
+    return _tar_stream(context_dir, excluded)
 
 
 # ==========================================================================================
@@ -1518,8 +3282,10 @@ def _resize_until_ready(resize, size):
 def exit_status(code, first_output=b""):
     """The status of a process that ended, with the engine's 'cannot run' cases mapped to
     126/127 as Docker's CLI maps them (SPEC §6)."""
-    if code in (126, 127, None) and first_output:
-        text = first_output.lower()
+    text = first_output.lower()
+    # Only the runtime's own message counts (Docker and Podman both name the "OCI
+    # runtime"): a process that prints "No such file or directory" and exits 126 keeps 126.
+    if code in (126, 127, None) and b"oci runtime" in text:
         if b"executable file not found" in text or b"no such file or directory" in text:
             return STATUS_NOT_FOUND
         if b"permission denied" in text:
@@ -1617,10 +3383,11 @@ def cmd_run(ctx):
                           (service, app, ", ".join(apps.services(app)) or "none"))
     image = release_image(engine, apps, app, service, args.release) if args.release else None
     return run_one_off(ctx, template, command, app=app, service=service, image=image,
-                       entrypoint=entrypoint)
+                       release=args.release, entrypoint=entrypoint)
 
 
-def run_one_off(ctx, template, command, *, app, service, image=None, entrypoint=True):
+def run_one_off(ctx, template, command, *, app, service, image=None, release=None,
+                entrypoint=True):
     """Create, attach, start and follow a one-off process; return its exit status.
 
     Attached, the container is removed when it ends whatever happens (AutoRemove, and a
@@ -1637,8 +3404,8 @@ def run_one_off(ctx, template, command, *, app, service, image=None, entrypoint=
     console = terminal_size(terminal) if terminal is not None else None
     attach_stdin = not detach and stdio.stdin_fd is not None
     config, extra_networks = one_off_config(
-        template, command, app=app, service=service, image=image, env=args.env or (),
-        memory=args.memory, entrypoint=entrypoint, tty=tty, stdin=attach_stdin,
+        template, command, app=app, service=service, image=image, release=release,
+        env=args.env or (), memory=args.memory, entrypoint=entrypoint, tty=tty, stdin=attach_stdin,
         detach=detach, console=console)
     name = _container_name(app, service)
     timeout = DEFAULT_RUN_TIMEOUT if args.timeout is None else args.timeout
@@ -1674,7 +3441,10 @@ def run_one_off(ctx, template, command, *, app, service, image=None, entrypoint=
         waiter = engine.send_only("POST", "/containers/%s/wait" % container,
                                   {"condition": "next-exit"})
         cleanup.callback(waiter.close)
-        wait_response = waiter.getresponse()
+        try:
+            wait_response = waiter.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            raise unreachable(engine.rack, exc)  # e.g. no head within CONVOX_TIMEOUT
         if pending.fd is not None and _drain_signals(pending.fd):
             raise KeyboardInterrupt  # a signal before start: never start it
         try:
@@ -2385,6 +4155,9 @@ def _report(environ, message, status):
     if environ.get("CONVOX_DEBUG"):
         import traceback
         traceback.print_exc()
+    # One line whatever the message carries (an engine's or runtime's text may have line
+    # breaks): scripts read the last line of stderr.
+    message = " ".join(str(message).split())
     try:
         sys.stderr.write("ERROR: %s\n" % message)
         sys.stderr.flush()

@@ -312,13 +312,13 @@ class EngineTestCase(unittest.TestCase):
 class PtySession:
     """convox.py run under a new pty, as a person at a terminal would run it."""
 
-    def __init__(self, args, rows=30, cols=100, env=None):
+    def __init__(self, args, rows=30, cols=100, env=None, cwd=None):
         self.master, self.slave = pty.openpty()
         self.set_size(rows, cols)
         self.output = b""
         self.proc = subprocess.Popen(
             [sys.executable, CONVOX] + list(args), stdin=self.slave, stdout=self.slave,
-            stderr=self.slave, env=HARNESS.env(**(env or {})), cwd=HERE,
+            stderr=self.slave, env=HARNESS.env(**(env or {})), cwd=cwd or HERE,
             preexec_fn=self._controlling_terminal, close_fds=True)
         self.initial_attrs = None
 
@@ -383,8 +383,8 @@ class PtySession:
 
 
 class TerminalTestCase(EngineTestCase):
-    def pty(self, *args, rows=30, cols=100, env=None):
-        session = PtySession(args, rows=rows, cols=cols, env=env)
+    def pty(self, *args, rows=30, cols=100, env=None, cwd=None):
+        session = PtySession(args, rows=rows, cols=cols, env=env, cwd=cwd)
         self.addCleanup(session.close)
         session.initial_attrs = session.attrs()
         return session
@@ -897,6 +897,177 @@ class PsTest(EngineTestCase):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=HARNESS.env(), timeout=60)
         self.assertEqual(result.returncode, 1)
+
+
+# ==========================================================================================
+# The real engine: start
+# ==========================================================================================
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class StartTest(TerminalTestCase):
+    """`convox start` end to end: build, services on a network, logs, Ctrl-C."""
+
+    CONVOX_YML = """\
+environment:
+  - GREETING=hello from the manifest
+services:
+  web:
+    build: .
+    port: {port}
+    command: httpd -f -v -p {port} -h /www
+  worker:
+    build:
+      path: .
+    command: sh -c 'while true; do wget -q -O - http://web:{port}/ && sleep 1; done'
+    links:
+      - web
+"""
+
+    COMPOSE_YML = """\
+services:
+  web:
+    build: .
+    ports:
+      - "127.0.0.1:{port}:{port}"
+    command: ["httpd", "-f", "-v", "-p", "{port}", "-h", "/www"]
+  worker:
+    build:
+      context: .
+      dockerfile: Dockerfile
+    command: sh -c 'while true; do wget -q -O - http://web:{port}/ && sleep 1; done'
+    depends_on:
+      - web
+"""
+
+    def app_dir(self, manifest_name, manifest, extra=None):
+        folder = tempfile.mkdtemp(prefix="convox-start-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        files = {
+            "Dockerfile": "FROM %s\nRUN mkdir /www && echo page-ok > /www/index.html\n"
+                          % self.image,
+            manifest_name: manifest,
+            ".dockerignore": "junk\n",
+            "junk": "x" * 1000,
+        }
+        files.update(extra or {})
+        for name, text in files.items():
+            with open(os.path.join(folder, name), "w") as handle:
+                handle.write(text)
+        return folder
+
+    def check_running_app(self, manifest_name, template):
+        port = free_port()
+        app = app_name("start%d" % port)
+        folder = self.app_dir(manifest_name, template.format(port=port))
+        began = time.monotonic()
+        session = self.pty("-a", app, "start", cwd=folder)
+        # On a terminal each prefix has its colour (SPEC §7); the build lines come first.
+        session.expect(r"build\s+\| ", timeout=120)
+        session.expect(r"\x1b\[\d+mworker \| \x1b\[0mpage-ok", timeout=120)
+        answered = time.monotonic() - began
+        # The page is published on the host, the worker reached web by its service name.
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=10) as page:
+            self.assertEqual(page.read(), b"page-ok\n")
+        plain = re.sub(r"\x1b\[\d+m", "", session.output.decode("utf-8", "replace"))
+        self.assertIn("convox | starting web", plain)
+        self.assertRegex(plain, r"web    \| .*response:200")
+        containers = {convox.identity(s["Labels"])[1]: s for s in self.processes_of(app)}
+        self.assertEqual(sorted(containers), ["web", "worker"])
+        releases = set()
+        for service, summary in containers.items():
+            labels = summary["Labels"]
+            self.assertEqual((labels["convox.app"], labels["convox.service"],
+                              labels["convox.type"]), (app, service, "service"))
+            self.assertRegex(labels["convox.release"], r"^R[A-Z]{10}$")
+            releases.add(labels["convox.release"])
+            self.assertEqual(summary["Names"], ["/%s-%s" % (app, service)])
+        self.assertEqual(len(releases), 1)
+        ps = self.convox("-a", app, "ps").stdout.decode()
+        self.assertIn("  web  ", ps.replace("web     ", "web  "))
+        # Ctrl-C: graceful stop, everything removed, status 0.
+        session.send(b"\x03")
+        session.expect(r"convox \| (\x1b\[0m)?stopping", timeout=10)
+        self.assertEqual(session.wait(timeout=30), 0)
+        self.assertEqual(self.processes_of(app), [])
+        names = [n["Name"] for n in self.engine.request("GET", "/networks")]
+        self.assertNotIn(app, names)
+        self.assertEqual(session.attrs(), session.initial_attrs)
+        return answered
+
+    def test_convox_yml(self):
+        self.check_running_app("convox.yml", self.CONVOX_YML)
+
+    def test_compose_yml(self):
+        self.check_running_app("docker-compose.yml", self.COMPOSE_YML)
+
+    def test_command_with_dotenv(self):
+        port = free_port()
+        app = app_name("cmd%d" % port)
+        folder = self.app_dir("convox.yml", self.CONVOX_YML.format(port=port),
+                              {".env": "# local settings\nGREETING='from .env'\n"})
+        result = self.convox("-a", app, "start", "web", "sh", "-c", "echo $GREETING; exit 4",
+                             cwd=folder, timeout=180)
+        self.assertEqual(result.returncode, 4, result.stderr)
+        self.assertIn(b"from .env\n", result.stdout)
+        self.assertEqual(self.processes_of(app), [])
+        names = [n["Name"] for n in self.engine.request("GET", "/networks")]
+        self.assertNotIn(app, names)
+
+    def test_exit_status_of_services(self):
+        app = app_name("exits")
+        folder = self.app_dir("convox.yml", """\
+services:
+  ok:
+    image: {image}
+    command: sh -c 'echo fine'
+  bad:
+    image: {image}
+    command: sh -c 'sleep 1; echo broken >&2; exit 3'
+""".format(image=self.image))
+        result = self.convox("-a", app, "start", cwd=folder, timeout=120)
+        out = result.stdout.decode()
+        self.assertEqual(result.returncode, 3, out + result.stderr.decode())
+        self.assertIn("ok     | fine\n", out)
+        self.assertIn("bad    | broken\n", out)
+        self.assertIn("convox | bad exited with code 3\n", out)
+        self.assertIn("convox | ok exited with code 0\n", out)
+        self.assertEqual(self.processes_of(app), [])
+
+    def test_syntax_error_names_line(self):
+        folder = self.app_dir("convox.yml", "services:\n  web:\n    image: x\n  bad: [\n")
+        result = self.convox("-a", app_name("bad"), "start", cwd=folder)
+        self.assertEqual(result.returncode, 1)
+        self.assertOneErrorLine(result)
+        self.assertRegex(result.stderr.decode(), r"^ERROR: convox.yml:4: ")
+
+    def test_required_env(self):
+        folder = self.app_dir("convox.yml", "environment:\n  - SECRET\n  - TOKEN\n"
+                              "services:\n  web:\n    image: x\n")
+        env = HARNESS.env()
+        env.pop("SECRET", None)
+        env.pop("TOKEN", None)
+        result = subprocess.run([sys.executable, CONVOX, "-a", app_name("req"), "start"],
+                                cwd=folder, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.decode(), "ERROR: required env: SECRET, TOKEN\n")
+
+    def test_build_failure(self):
+        folder = self.app_dir("convox.yml", "services:\n  web:\n    build: .\n",
+                              {"Dockerfile": "FROM %s\nRUN exit 7\n" % self.image})
+        app = app_name("buildfail")
+        result = self.convox("-a", app, "start", cwd=folder, timeout=120)
+        self.assertEqual(result.returncode, 1)
+        self.assertOneErrorLine(result)
+        self.assertIn("build of web failed", result.stderr.decode())
+        self.assertIn("build  | ", result.stdout.decode())
+        self.assertEqual(self.processes_of(app), [])
 
 
 if __name__ == "__main__":
