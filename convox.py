@@ -21,7 +21,7 @@ Lifecycle of an attached session (``exec``; ``run`` differs only where noted)::
     pump <-----------------------+    stdin -> socket; socket -> stdout/stderr
      |  SIGWINCH (self-pipe) ----+--> POST /exec/EID/resize on the control connection
      |  detach keys ------------------> leave it running, status 0
-     |  stdin EOF -------------------> shutdown(SHUT_WR): the process sees EOF
+     |  stdin EOF -------------------> shutdown(SHUT_WR), with a TTY ^D: the process sees EOF
      v
     socket EOF
     GET /exec/EID/json .............. ExitCode (polled briefly while still null)
@@ -807,6 +807,7 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
     matcher = DetachMatcher(detach_keys) if detach_keys else None
     to_engine = bytearray()
     stdin_open = stdin_fd is not None
+    line_start = True  # the last byte of input ended a line (see stdin EOF below)
     outputs = {1: stdout_fd, 2: stderr_fd}
 
     def deliver(data):
@@ -856,7 +857,7 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
                     # The engine stopped taking input (process gone); output may remain.
                     sent, stdin_open = len(to_engine), False
                 del to_engine[:sent]
-                if not to_engine and not stdin_open:
+                if not to_engine and not stdin_open and not tty:
                     _half_close(sock)
             if stdin_open and stdin_fd in ready:
                 try:
@@ -867,9 +868,16 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
                     data = b""
                 if data == b"":
                     stdin_open = False
-                    if not to_engine:
+                    if tty:
+                        # The far end is a terminal, whose EOF is the VEOF key (^D; a
+                        # second one after a partial line).  A half-close would make
+                        # Docker hang the terminal up and drop the output not yet sent
+                        # (--tty with stdin from a file or /dev/null, as in CI).
+                        to_engine += b"\x04" if line_start else b"\x04\x04"
+                    elif not to_engine:
                         _half_close(sock)
                 elif data:
+                    line_start = data[-1:] in (b"\n", b"\r")
                     if matcher is not None:
                         data, detached = matcher.feed(data)
                         to_engine += data
@@ -1430,6 +1438,13 @@ def _resolve_plain(text):
     return text
 
 
+def _props_error(text):
+    """The message for a value starting with &, * or !."""
+    if text[0] in '&*' and not re.match(r'.[A-Za-z0-9_-]', text):
+        return 'a value starting with %r must be quoted' % text[0]  # e.g. a cron "*/5 * * * *"
+    return _PROPS_HELP[text[0]]
+
+
 def _is_dash(text):
     """True when a line's content is a block sequence entry ("- x" or a lone "-")."""
     return text == '-' or text[:2] in ('- ', '-\t')
@@ -1641,7 +1656,7 @@ class _YamlParser(object):
         """Return (key, rest) when line i is "key: ...", else None."""
         c = text[0]
         if c in _PROPS_HELP:
-            raise self.error(i + 1, _PROPS_HELP[c])
+            raise self.error(i + 1, _props_error(text))
         if c == '?' and (len(text) == 1 or text[1] in ' \t'):
             raise self.error(i + 1, 'complex keys ("? ") are not supported')
         if c in '[{':
@@ -1667,7 +1682,7 @@ class _YamlParser(object):
         c = text[0]
         lineno = i + 1
         if c in _PROPS_HELP:
-            raise self.error(lineno, _PROPS_HELP[c])
+            raise self.error(lineno, _props_error(text))
         if c in '|>':
             return self.block_scalar(i, text, parent_indent)
         if c in '[{':
@@ -1769,7 +1784,7 @@ class _YamlParser(object):
         lines = []
         while j < len(self.raw):
             raw = self.raw[j]
-            if raw.strip(' ') == '':
+            if raw.strip(' \t') == '':
                 lines.append(raw)
                 j += 1
                 continue
@@ -1805,9 +1820,14 @@ class _YamlParser(object):
 
     def flow(self, i, text):
         """Parse a [ ] or { } collection that starts on line i and may span lines."""
-        joined = '\n'.join([text] + self.raw[i + 1:])
-        parser = _FlowParser(self, joined, i)
-        value = parser.node()
+        try:
+            joined = text
+            parser = _FlowParser(self, joined, i, partial=True)
+            value = parser.node()
+        except _FlowTruncated:  # not closed on this line: parse again with the lines below
+            joined = '\n'.join([text] + self.raw[i + 1:])
+            parser = _FlowParser(self, joined, i)
+            value = parser.node()
         end = joined.find('\n', parser.p)
         rest = joined[parser.p:] if end < 0 else joined[parser.p:end]
         if not _is_comment_rest(rest):
@@ -1816,14 +1836,25 @@ class _YamlParser(object):
         return value
 
 
+class _FlowTruncated(Exception):
+    """Internal: a flow collection ran past the end of the text it was given."""
+
+
 class _FlowParser(object):
     """Parses one flow collection ([a, b] or {k: v}) from text that may hold newlines."""
 
-    def __init__(self, owner, text, first_index):
+    def __init__(self, owner, text, first_index, partial=False):
         self.owner = owner
         self.s = text
         self.p = 0
         self.first = first_index
+        self.partial = partial  # True: the text is only the first line; more may follow
+
+    def end_error(self, message, at=None):
+        """The error for running out of text (or a signal to retry with more lines)."""
+        if self.partial:
+            return _FlowTruncated()
+        return self.error(message, at)
 
     def error(self, message, at=None):
         """Build a ManifestError for the line holding position `at` (default: current)."""
@@ -1846,7 +1877,7 @@ class _FlowParser(object):
         """Parse any flow node at the current position."""
         self.skip_space()
         if self.p >= len(self.s):
-            raise self.error('unexpected end of file inside [ ] or { }')
+            raise self.end_error('unexpected end of file inside [ ] or { }')
         ch = self.s[self.p]
         if ch == '[':
             return self.sequence()
@@ -1856,7 +1887,7 @@ class _FlowParser(object):
             value, self.p = self.owner.scan_quoted(self.s, self.p, self._lineno())
             return value
         if ch in _PROPS_HELP:
-            raise self.error(_PROPS_HELP[ch])
+            raise self.error(_props_error(self.s[self.p:]))
         if ch in '|>':
             raise self.error('block scalars (| or >) cannot be used inside [ ] or { }')
         if ch in ',]}:':
@@ -1889,7 +1920,7 @@ class _FlowParser(object):
         while True:
             self.skip_space()
             if self.p >= len(self.s):
-                raise self.error("unclosed '[' — add the missing ']'", start)
+                raise self.end_error("unclosed '[' — add the missing ']'", start)
             if self.s[self.p] == ']':
                 self.p += 1
                 return items
@@ -1904,7 +1935,7 @@ class _FlowParser(object):
         while True:
             self.skip_space()
             if self.p >= len(self.s):
-                raise self.error("unclosed '{' — add the missing '}'", start)
+                raise self.end_error("unclosed '{' — add the missing '}'", start)
             if self.s[self.p] == '}':
                 self.p += 1
                 return result
@@ -1937,8 +1968,8 @@ class _FlowParser(object):
         """Consume the ',' between entries, or stop before the closing bracket."""
         self.skip_space()
         if self.p >= len(self.s):
-            raise self.error("unclosed '%s' — add the missing '%s'" % ('[' if closer == ']' else '{', closer),
-                             start)
+            raise self.end_error("unclosed '%s' — add the missing '%s'"
+                                 % ('[' if closer == ']' else '{', closer), start)
         ch = self.s[self.p]
         if ch == ',':
             self.p += 1
@@ -2111,11 +2142,9 @@ def _interpolate_value(value, variables, filename, missing, braces_only):
 
 
 def interpolate(value, variables, filename, braces_only=False):
-    """Substitute ${VAR}-style variables compose-style; return (new_value, missing_names).
-
-    braces_only=True handles only ${...} and leaves $VAR and $$ alone (convox.yml semantics,
-    where "$VAR" in a command is meant for the container's shell).
-    """
+    """Substitute ${VAR}-style variables compose-style; return (new_value, missing_names)."""
+    # braces_only=True is convox.yml's rule: only ${...} is replaced, while $VAR and $$ are left
+    # for the container's shell (convox's own interpolate() matches just \$\{([^}]*?)\}).
     missing = []
     result = _interpolate_value(value, variables, filename, missing, braces_only)
     unique = []
@@ -2130,12 +2159,17 @@ def interpolate(value, variables, filename, braces_only=False):
 _SERVICE_NAME = r'[a-z0-9][a-z0-9_.-]*\Z'
 _VOLUME_NAME = r'[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z'
 _ENV_KEY = r'[A-Za-z_][A-Za-z0-9_.-]*\Z'
-_CONVOX_TOP_IGNORED = ('resources', 'timers', 'balancers', 'params', 'labels', 'configs', 'appSettings')
+# Real convox.yml keys (convox/convox pkg/manifest) that have no meaning for a local run.
+_CONVOX_TOP_IGNORED = ('resources', 'timers', 'balancers', 'params', 'labels', 'configs',
+                       'appSettings', 'budget')
 _CONVOX_SERVICE_IGNORED = (
     'health', 'domain', 'resources', 'timeout', 'termination', 'deployment', 'agent', 'sticky',
     'internal', 'certificate', 'drain', 'singleton', 'tls', 'whitelist', 'init', 'test', 'labels',
-    'annotations', 'privileged', 'internalRouter', 'nlb', 'ingressAnnotations', 'configMounts',
-    'accessControl', 'volumeOptions', 'dnsConfig', 'lifecycle')
+    'annotations', 'privileged', 'internalRouter', 'ingressAnnotations', 'configMounts',
+    'accessControl', 'volumeOptions', 'dnsConfig', 'lifecycle', 'liveness', 'startupProbe',
+    'grpcHealthEnabled', 'disableHostUsers', 'imagePullSecrets', 'initContainer',
+    'nodeAffinityLabels', 'nodeSelectorLabels', 'securityContext', 'nlb')
+_CONVOX_SCALE_IGNORED = ('count', 'cpu', 'gpu', 'targets', 'keda', 'vpa', 'min', 'max', 'autoscale')
 _COMPOSE_TOP_IGNORED = ('version', 'volumes', 'networks', 'name', 'secrets', 'configs')
 # Accepted quietly: they only affect naming/networking/restarts that convox start manages itself.
 _COMPOSE_SERVICE_QUIET = ('container_name', 'networks', 'restart', 'expose', 'deploy')
@@ -2181,6 +2215,7 @@ class Manifest(object):
         state = {}
 
         def visit(current, trail):
+            """Depth-first post-order walk over links, detecting cycles."""
             if state.get(current) == 'done':
                 return
             if state.get(current) == 'active':
@@ -2199,11 +2234,12 @@ class Manifest(object):
 class _Ctx(object):
     """What the manifest builders share: file name for messages, folder, variables, warnings."""
 
-    def __init__(self, manifest, display, variables):
+    def __init__(self, manifest, display, variables, dotenv):
         self.manifest = manifest
         self.display = display
         self.directory = manifest.directory
-        self.variables = variables
+        self.variables = variables  # environ over .env
+        self.dotenv = dotenv  # the .env file alone: what convox's "*" entry expands to
         self.missing_required = set()
 
     def error(self, where, message):
@@ -2285,7 +2321,8 @@ def _type_name(value):
 
 def _expect(value, types, ctx, where, what):
     """Return value if it has one of `types`, else raise '<where> must be <what>'."""
-    if isinstance(value, bool) and bool not in types:
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in types:  # YAML true is not a number here
         raise ctx.error(where, 'must be %s' % what)
     if not isinstance(value, types):
         raise ctx.error(where, 'must be %s' % what)
@@ -2398,6 +2435,9 @@ def _convox_env_list(value, ctx, where):
     for entry in entries:
         key, sep, default = entry.partition('=')
         key = key.strip()
+        if key == '*' and not sep:
+            out.append(('*', None))  # every variable of the app (locally: the .env file)
+            continue
         if not re.match(_ENV_KEY, key):
             raise ctx.error(where, 'has a bad entry %r — use KEY or KEY=default' % entry)
         out.append((key, default if sep else None))
@@ -2411,16 +2451,19 @@ def _convox_build(value, ctx, where):
     if isinstance(value, str):
         return {'context': ctx.path(value), 'dockerfile': 'Dockerfile', 'args': {}}
     _expect(value, dict, ctx, where, 'a path or a mapping with path and manifest')
-    path, dockerfile = '.', 'Dockerfile'
+    path, dockerfile, args = '.', 'Dockerfile', {}
     for key, item in value.items():
         key = _key_str(key, ctx, where)
         if key == 'path':
             path = _expect(item, str, ctx, where + '.path', 'a path')
         elif key == 'manifest':
             dockerfile = _expect(item, str, ctx, where + '.manifest', 'a Dockerfile name')
+        elif key == 'args':
+            args = _compose_kv_list(_expect(item, list, ctx, where + '.args', 'a list of KEY or KEY=value'),
+                                    ctx, where + '.args', ctx.variables.get)
         else:
             ctx.warn('%s.%s' % (where, key))
-    return {'context': ctx.path(path), 'dockerfile': dockerfile, 'args': {}}
+    return {'context': ctx.path(path), 'dockerfile': dockerfile, 'args': args}
 
 
 def _convox_command(value, ctx, where):
@@ -2460,21 +2503,30 @@ def _convox_ports(value, ctx, where):
 
 
 def _convox_scale(value, ctx, where):
-    """Return scale.memory in MiB; count, cpu and friends are not used locally."""
+    """Return the memory in MiB: scale.limit.memory (the hard limit) or else scale.memory."""
     if not isinstance(value, dict):
         if isinstance(value, (int, str)) and not isinstance(value, bool):
             return None  # "scale: 2" / "scale: 1-3" is a count
         raise ctx.error(where, 'must be a mapping like {count: 1, memory: 512}')
-    memory = None
+    memory = limit = None
     for key, item in value.items():
         key = _key_str(key, ctx, where)
         if key == 'memory':
-            if isinstance(item, str) and re.match(r'\s*[0-9]+\s*\Z', item):
-                item = int(item)
-            memory = _expect(item, int, ctx, where + '.memory', 'a number of megabytes')
-        elif key not in ('count', 'cpu', 'gpu', 'targets', 'limit', 'keda'):
+            memory = _megabytes(item, ctx, where + '.memory')
+        elif key == 'limit':
+            _expect(item, dict, ctx, where + '.limit', 'a mapping like {memory: 1024}')
+            if item.get('memory') is not None:
+                limit = _megabytes(item['memory'], ctx, where + '.limit.memory')
+        elif key not in _CONVOX_SCALE_IGNORED:
             ctx.warn('%s.%s' % (where, key))
-    return memory
+    return memory if limit is None else limit
+
+
+def _megabytes(value, ctx, where):
+    """A convox memory amount: a whole number of megabytes."""
+    if isinstance(value, str) and re.match(r'\s*[0-9]+\s*\Z', value):
+        value = int(value)
+    return _expect(value, int, ctx, where, 'a number of megabytes')
 
 
 def _convox_service(name, where, spec, top_env, ctx):
@@ -2515,6 +2567,10 @@ def _convox_env_values(entries, ctx):
     """Final values: environ/.env beat defaults; required keys with no value are collected."""
     declared = {}
     for key, default in entries:
+        if key == '*':
+            for name in ctx.dotenv:
+                declared.setdefault(name, '')
+            continue
         declared[key] = default  # later (service) entries win over top-level ones
     values = {}
     for key, default in declared.items():
@@ -2629,7 +2685,7 @@ def _compose_port_string(text, ctx, where):
         if end < 0 or spec[end + 1:end + 2] != ':':
             raise ctx.error(where, 'has a bad port %r' % text)
         host_ip, spec = spec[1:end], spec[end + 2:]
-        parts = [''] + spec.split(':') if spec.count(':') == 0 else spec.split(':')
+        parts = spec.split(':')
     else:
         parts = spec.split(':')
         if len(parts) == 3:
@@ -2694,9 +2750,13 @@ def _compose_volume_long(value, ctx, where):
                                      % (ctx.display, where, kind))
         return None
     target = _expect(value.get('target'), str, ctx, where + '.target', 'an absolute path')
+    if not target.startswith('/'):
+        raise ctx.error(where + '.target', 'must be an absolute path')
     source = _expect(source, str, ctx, where + '.source', 'a path or volume name')
     read_only = _expect(value.get('read_only', False), bool, ctx, where + '.read_only', 'true or false')
     if kind == 'bind':
+        if not source:
+            raise ctx.error(where + '.source', 'is required for a bind mount')
         source = ctx.path(source)
     return {'type': kind, 'source': source, 'target': target, 'read_only': read_only}
 
@@ -2821,15 +2881,16 @@ def load_manifest(path, environ):
     data = parse_yaml(_read_text(full, display), display)
     manifest = Manifest(full, kind)
     dotenv_path = os.path.join(manifest.directory, '.env')
-    variables = {}
+    dotenv = {}
     if os.path.isfile(dotenv_path):
         dotenv_display = _display_path(dotenv_path)
-        variables = parse_env_file(_read_text(dotenv_path, dotenv_display), dotenv_display)
+        dotenv = parse_env_file(_read_text(dotenv_path, dotenv_display), dotenv_display)
+    variables = dict(dotenv)
     variables.update(environ)
     data, missing = interpolate(data, variables, display, braces_only=(kind == 'convox'))
     for name in missing:
         manifest.warnings.append('%s: variable %s is not set; using an empty string' % (display, name))
-    ctx = _Ctx(manifest, display, variables)
+    ctx = _Ctx(manifest, display, variables, dotenv)
     if data is None:
         raise ctx.error('', 'the file is empty — add a "services:" section')
     if kind == 'convox':
@@ -2988,8 +3049,8 @@ def _may_reinclude(excluded, rel_dir):
             continue
         if (pattern + '/').startswith(dir_slash):
             return True  # Docker's own rule: "!dir/file" below this directory
-        literal = re.split(r'[*?\[\\]', pattern, 1)[0]
-        if literal != pattern and dir_slash.startswith(literal):
+        wildcard = re.search(r'[*?\[\\]', pattern)
+        if wildcard and dir_slash.startswith(pattern[:wildcard.start()]):
             return True  # a wildcard exception such as "!**/keep.md" might match inside
     return False
 
@@ -3223,12 +3284,14 @@ SESSION_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGWINCH")
 
 
 def session(stream, stdio, *, tty, resize=None, detach_keys=b"", forward=None,
-            deadline=None):
+            deadline=None, signal_pipe=None):
     """Run an attached session: raw terminal, resizes, signals, then the pump.
 
     ``resize(rows, cols)`` is called at start and on every SIGWINCH (from the loop, never
     from a handler).  ``forward(signum)`` passes SIGINT/SIGTERM/SIGHUP to the process (run);
     without it such a signal ends the session as ``("signal", signum)`` (exec).
+    ``signal_pipe``: a SignalPipe of SESSION_SIGNALS entered earlier, whose signals are
+    taken over (run's, open since before start, so that none is lost in between).
     Returns what ``pump`` returned.
     """
     import contextlib
@@ -3248,7 +3311,7 @@ def session(stream, stdio, *, tty, resize=None, detach_keys=b"", forward=None,
         return ("signal", signum)
 
     with contextlib.ExitStack() as stack:
-        pipe = stack.enter_context(SignalPipe(signums))
+        pipe = signal_pipe or stack.enter_context(SignalPipe(signums))
         if terminal is not None and stdio.stdin_fd is not None and \
                 os.isatty(stdio.stdin_fd):
             stack.enter_context(RawTerminal(stdio.stdin_fd))
@@ -3426,8 +3489,10 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
     detached = False
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(lambda: detached or _quietly(engine.remove, name))
+        # One pipe from here to the end: the session takes it over, so a signal during start
+        # (which takes a while) still reaches the process.
         pending = cleanup.enter_context(SignalPipe(
-            [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")]))
+            [getattr(signal, n) for n in SESSION_SIGNALS]))
         container = engine.create_container(config, name)["Id"]
         for network, aliases in extra_networks:
             engine.connect_network(network, container, aliases)
@@ -3445,7 +3510,7 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
             wait_response = waiter.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             raise unreachable(engine.rack, exc)  # e.g. no head within CONVOX_TIMEOUT
-        if pending.fd is not None and _drain_signals(pending.fd):
+        if pending.fd is not None and set(_drain_signals(pending.fd)) - {signal.SIGWINCH}:
             raise KeyboardInterrupt  # a signal before start: never start it
         try:
             engine.start(container)
@@ -3461,7 +3526,8 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
 
         outcome = session(stream, stdio, tty=tty, detach_keys=parse_detach_keys(
             DEFAULT_DETACH_KEYS) if tty else b"", forward=forward, deadline=deadline,
-            resize=lambda rows, cols: engine.resize("containers", container, rows, cols))
+            resize=lambda rows, cols: engine.resize("containers", container, rows, cols),
+            signal_pipe=pending)
         if outcome == "detached":
             detached = True  # it runs on: no removal (its watchdog still holds the timeout)
             return 0

@@ -636,6 +636,1241 @@ class DetachKeysTest(unittest.TestCase):
 
 
 # ==========================================================================================
+# Pure functions: the manifest (YAML subset, .env, interpolation, models, build context)
+# ==========================================================================================
+
+# ---------------------------------------------------------------- realistic YAML documents
+
+CONVOX_STOREFRONT = """\
+# convox.yml for the storefront
+environment:
+  - RAILS_ENV=production
+  - SECRET_KEY_BASE        # required
+  - WEB_CONCURRENCY=2
+resources:
+  database:
+    type: postgres
+    options:
+      storage: 100
+services:
+  web:
+    build: .
+    command: bundle exec puma -C config/puma.rb
+    domain: ${HOST}
+    environment:
+      - PORT=3000
+    health:
+      grace: 10
+      path: /health
+      interval: 5
+    port: http:3000
+    resources:
+      - database
+    scale:
+      count: 1-3
+      cpu: 256
+      memory: 512
+      targets:
+        cpu: 70
+  worker:
+    build: .
+    command: bundle exec sidekiq -q default -q mailers
+    resources: [database]
+    scale:
+      memory: 1024
+    links:
+      - redis
+  redis:
+    image: redis:7-alpine
+    internal: true
+    port: 6379
+"""
+
+CONVOX_STOREFRONT_VALUE = {
+    'environment': ['RAILS_ENV=production', 'SECRET_KEY_BASE', 'WEB_CONCURRENCY=2'],
+    'resources': {'database': {'type': 'postgres', 'options': {'storage': 100}}},
+    'services': {
+        'web': {
+            'build': '.',
+            'command': 'bundle exec puma -C config/puma.rb',
+            'domain': '${HOST}',
+            'environment': ['PORT=3000'],
+            'health': {'grace': 10, 'path': '/health', 'interval': 5},
+            'port': 'http:3000',
+            'resources': ['database'],
+            'scale': {'count': '1-3', 'cpu': 256, 'memory': 512, 'targets': {'cpu': 70}},
+        },
+        'worker': {
+            'build': '.',
+            'command': 'bundle exec sidekiq -q default -q mailers',
+            'resources': ['database'],
+            'scale': {'memory': 1024},
+            'links': ['redis'],
+        },
+        'redis': {'image': 'redis:7-alpine', 'internal': True, 'port': 6379},
+    },
+}
+
+CONVOX_API = """\
+services:
+  api:
+    build:
+      path: ./api
+      manifest: Dockerfile.prod
+    command: ["node", "server.js", "--port", "4000"]
+    port: https:4000
+    volumes:
+      - /var/cache/app
+      - data:/data
+      - ./config:/app/config
+    environment:
+      - "NODE_OPTIONS=--max-old-space-size=460"
+      - 'GREETING=hello world'
+    sticky: false
+    termination:
+      grace: 45
+timers:
+  cleanup:
+    command: bin/cleanup
+    schedule: "*/15 * * * ?"
+    service: api
+balancers:
+  custom:
+    service: api
+    ports:
+      5000: 3001
+"""
+
+CONVOX_API_VALUE = {
+    'services': {'api': {
+        'build': {'path': './api', 'manifest': 'Dockerfile.prod'},
+        'command': ['node', 'server.js', '--port', '4000'],
+        'port': 'https:4000',
+        'volumes': ['/var/cache/app', 'data:/data', './config:/app/config'],
+        'environment': ['NODE_OPTIONS=--max-old-space-size=460', 'GREETING=hello world'],
+        'sticky': False,
+        'termination': {'grace': 45},
+    }},
+    'timers': {'cleanup': {'command': 'bin/cleanup', 'schedule': '*/15 * * * ?', 'service': 'api'}},
+    'balancers': {'custom': {'service': 'api', 'ports': {5000: 3001}}},
+}
+
+COMPOSE_FULL = """\
+version: "3.9"
+
+services:
+  web:
+    build:
+      context: .
+      dockerfile: docker/Dockerfile.dev
+      args:
+        - NODE_ENV=development
+        - BUILD_NUMBER
+    image: "myorg/web:dev"
+    ports:
+      - "3000:3000"
+      - "127.0.0.1:9229:9229"
+      - 8080
+      - "5353:53/udp"
+      - target: 443
+        published: 8443
+        protocol: tcp
+        mode: host
+    depends_on:
+      db:
+        condition: service_healthy
+      cache:
+        condition: service_started
+    env_file:
+      - .env.web
+    environment:
+      DATABASE_URL: postgres://app:app@db:5432/app
+      DEBUG: "true"
+      WORKERS: 4
+      EMPTY:
+    volumes:
+      - .:/usr/src/app
+      - node_modules:/usr/src/app/node_modules
+      - type: bind
+        source: ./logs
+        target: /var/log/app
+        read_only: true
+    mem_limit: 512m
+  db:
+    image: postgres:15.3
+    environment:
+      - POSTGRES_USER=app
+      - POSTGRES_PASSWORD=app
+    healthcheck:
+      test: ["CMD-SHELL", "pg_isready -U app"]
+      interval: 5s
+      timeout: 3s
+      retries: 5
+    volumes:
+      - pgdata:/var/lib/postgresql/data
+  cache:
+    image: redis:7
+    command: redis-server --appendonly yes
+volumes:
+  pgdata: {}
+  node_modules:
+"""
+
+COMPOSE_FULL_VALUE = {
+    'version': '3.9',
+    'services': {
+        'web': {
+            'build': {'context': '.', 'dockerfile': 'docker/Dockerfile.dev',
+                      'args': ['NODE_ENV=development', 'BUILD_NUMBER']},
+            'image': 'myorg/web:dev',
+            'ports': ['3000:3000', '127.0.0.1:9229:9229', 8080, '5353:53/udp',
+                      {'target': 443, 'published': 8443, 'protocol': 'tcp', 'mode': 'host'}],
+            'depends_on': {'db': {'condition': 'service_healthy'},
+                           'cache': {'condition': 'service_started'}},
+            'env_file': ['.env.web'],
+            'environment': {'DATABASE_URL': 'postgres://app:app@db:5432/app', 'DEBUG': 'true',
+                            'WORKERS': 4, 'EMPTY': None},
+            'volumes': ['.:/usr/src/app', 'node_modules:/usr/src/app/node_modules',
+                        {'type': 'bind', 'source': './logs', 'target': '/var/log/app',
+                         'read_only': True}],
+            'mem_limit': '512m',
+        },
+        'db': {
+            'image': 'postgres:15.3',
+            'environment': ['POSTGRES_USER=app', 'POSTGRES_PASSWORD=app'],
+            'healthcheck': {'test': ['CMD-SHELL', 'pg_isready -U app'], 'interval': '5s',
+                            'timeout': '3s', 'retries': 5},
+            'volumes': ['pgdata:/var/lib/postgresql/data'],
+        },
+        'cache': {'image': 'redis:7', 'command': 'redis-server --appendonly yes'},
+    },
+    'volumes': {'pgdata': {}, 'node_modules': None},
+}
+
+COMPOSE_BLOCKS = """\
+services:   # the app
+  migrate:
+    image: app:latest   # built elsewhere
+    entrypoint: ["/bin/sh", "-c"]
+    command:
+      - |
+        set -e
+        bin/rails db:migrate
+        bin/rails db:seed
+    labels:
+      com.example.team: "platform"
+      com.example.tier: backend
+  # a comment between services, at a shallower indent
+  nginx:
+    image: nginx:1.25
+    command: >-
+      nginx -g
+      'daemon off;'
+    ports: [ "80:80", "443:443" ]
+    volumes: [ "./nginx.conf:/etc/nginx/nginx.conf:ro" ]
+    labels: [ "traefik.enable=true", "traefik.http.routers.web.rule=Host(`example.com`)" ]
+    extra_hosts: {"host.docker.internal": "host-gateway"}
+"""
+
+COMPOSE_BLOCKS_VALUE = {'services': {
+    'migrate': {
+        'image': 'app:latest',
+        'entrypoint': ['/bin/sh', '-c'],
+        'command': ['set -e\nbin/rails db:migrate\nbin/rails db:seed\n'],
+        'labels': {'com.example.team': 'platform', 'com.example.tier': 'backend'},
+    },
+    'nginx': {
+        'image': 'nginx:1.25',
+        'command': "nginx -g 'daemon off;'",
+        'ports': ['80:80', '443:443'],
+        'volumes': ['./nginx.conf:/etc/nginx/nginx.conf:ro'],
+        'labels': ['traefik.enable=true', 'traefik.http.routers.web.rule=Host(`example.com`)'],
+        'extra_hosts': {'host.docker.internal': 'host-gateway'},
+    },
+}}
+
+COMPOSE_FLAT_LISTS = """\
+services:
+  app:
+    build: ./app
+    links:
+    - db:database
+    - cache
+    ports:
+    - 8000:8000
+    environment:
+    - PYTHONUNBUFFERED=1
+    - DJANGO_SETTINGS_MODULE=app.settings.dev
+    entrypoint: /docker-entrypoint.sh --wait-for db:5432
+  db:
+    image: mysql:8
+    command: --default-authentication-plugin=mysql_native_password
+    restart: unless-stopped
+  cache:
+    image: memcached
+"""
+
+COMPOSE_FLAT_LISTS_VALUE = {'services': {
+    'app': {
+        'build': './app',
+        'links': ['db:database', 'cache'],
+        'ports': ['8000:8000'],
+        'environment': ['PYTHONUNBUFFERED=1', 'DJANGO_SETTINGS_MODULE=app.settings.dev'],
+        'entrypoint': '/docker-entrypoint.sh --wait-for db:5432',
+    },
+    'db': {'image': 'mysql:8', 'command': '--default-authentication-plugin=mysql_native_password',
+           'restart': 'unless-stopped'},
+    'cache': {'image': 'memcached'},
+}}
+
+QUOTED_AND_SCALARS = """\
+---
+"services":
+  'worker':
+    image: busybox
+    command: ["sh", "-c", "while true; do echo \\"tick\\"; sleep 1; done"]
+    environment:
+      A: ~
+      B: null
+      C: ""
+      D: 'it''s'
+      E: 0o755
+      F: 0x1F
+      G: 1.5e3
+      H: .inf
+      I: -.Inf
+      J: yes
+      K: "yes"
+      L: 010
+"""
+
+QUOTED_AND_SCALARS_VALUE = {'services': {'worker': {
+    'image': 'busybox',
+    'command': ['sh', '-c', 'while true; do echo "tick"; sleep 1; done'],
+    'environment': {'A': None, 'B': None, 'C': '', 'D': "it's", 'E': 493, 'F': 31, 'G': 1500.0,
+                    'H': float('inf'), 'I': float('-inf'), 'J': 'yes', 'K': 'yes', 'L': 10},
+}}}
+
+COMPOSE_DEPLOY = """\
+services:
+  api:
+    image: api
+    deploy:
+      resources:
+        limits:
+          cpus: '0.50'
+          memory: 256M
+        reservations:
+          devices:
+            - driver: nvidia
+              count: 1
+              capabilities: [gpu]
+"""
+
+COMPOSE_DEPLOY_VALUE = {'services': {'api': {'image': 'api', 'deploy': {'resources': {
+    'limits': {'cpus': '0.50', 'memory': '256M'},
+    'reservations': {'devices': [{'driver': 'nvidia', 'count': 1, 'capabilities': ['gpu']}]},
+}}}}}
+
+COMPOSE_MULTILINE_FLOW = """\
+services:
+  job:
+    image: alpine
+    command: [
+      "sh", "-c",
+      "echo start && sleep 5"   # wait a bit
+    ]
+    environment: {
+      LEVEL: debug,
+      RETRIES: 3,
+    }
+    configs:
+      - source: app_config
+        target: /etc/app.conf
+configs:
+  app_config:
+    content: |+
+      key=value
+
+"""
+
+COMPOSE_MULTILINE_FLOW_VALUE = {
+    'services': {'job': {
+        'image': 'alpine',
+        'command': ['sh', '-c', 'echo start && sleep 5'],
+        'environment': {'LEVEL': 'debug', 'RETRIES': 3},
+        'configs': [{'source': 'app_config', 'target': '/etc/app.conf'}],
+    }},
+    'configs': {'app_config': {'content': 'key=value\n\n'}},
+}
+
+TOP_LEVEL_SEQUENCE = """\
+- name: first
+  tags: [a, b]
+- name: second
+  nested:
+    - - 1
+      - 2
+    - - 3
+-   wide: indent
+    after: dash
+- just a string
+- "quoted: with colon"
+- key with spaces: value with spaces
+-
+  - under an empty dash
+"""
+
+TOP_LEVEL_SEQUENCE_VALUE = [
+    {'name': 'first', 'tags': ['a', 'b']},
+    {'name': 'second', 'nested': [[1, 2], [3]]},
+    {'wide': 'indent', 'after': 'dash'},
+    'just a string',
+    'quoted: with colon',
+    {'key with spaces': 'value with spaces'},
+    ['under an empty dash'],
+]
+
+CRLF_DOC = 'services:\r\n  web:\r\n    image: nginx\r\n    port: 80\r\n'
+CRLF_DOC_VALUE = {'services': {'web': {'image': 'nginx', 'port': 80}}}
+
+COMPOSE_DNS = """\
+services:
+  dns:
+    image: coredns/coredns
+    hostname:\tdns-local
+    ports:
+      - "[::1]:5353:53/udp"
+      - published: "8053"
+        target: 53
+        host_ip: 127.0.0.1
+    command: ["-conf", "/etc/coredns/Corefile"]
+    sysctls:
+      net.ipv4.ip_unprivileged_port_start: 0
+"""
+
+COMPOSE_DNS_VALUE = {'services': {'dns': {
+    'image': 'coredns/coredns',
+    'hostname': 'dns-local',
+    'ports': ['[::1]:5353:53/udp', {'published': '8053', 'target': 53, 'host_ip': '127.0.0.1'}],
+    'command': ['-conf', '/etc/coredns/Corefile'],
+    'sysctls': {'net.ipv4.ip_unprivileged_port_start': 0},
+}}}
+
+CONVOX_HASHES = """\
+environment:
+  - DATABASE_URL=postgres://u:p@host:5432/db?sslmode=require#frag
+  - COLOR=#ff0000
+services:
+  web:
+    image: "nginx:latest"
+    command: echo "costs $$5" # comment
+    agent: false
+    labels:
+      convox.com/team: web
+"""
+
+CONVOX_HASHES_VALUE = {
+    'environment': ['DATABASE_URL=postgres://u:p@host:5432/db?sslmode=require#frag', 'COLOR=#ff0000'],
+    'services': {'web': {'image': 'nginx:latest', 'command': 'echo "costs $$5"', 'agent': False,
+                         'labels': {'convox.com/team': 'web'}}},
+}
+
+DOCUMENTS = [
+    ('convox storefront', CONVOX_STOREFRONT, CONVOX_STOREFRONT_VALUE),
+    ('convox api', CONVOX_API, CONVOX_API_VALUE),
+    ('compose full', COMPOSE_FULL, COMPOSE_FULL_VALUE),
+    ('compose blocks', COMPOSE_BLOCKS, COMPOSE_BLOCKS_VALUE),
+    ('compose flat lists', COMPOSE_FLAT_LISTS, COMPOSE_FLAT_LISTS_VALUE),
+    ('quoted and scalars', QUOTED_AND_SCALARS, QUOTED_AND_SCALARS_VALUE),
+    ('compose deploy', COMPOSE_DEPLOY, COMPOSE_DEPLOY_VALUE),
+    ('compose multi-line flow', COMPOSE_MULTILINE_FLOW, COMPOSE_MULTILINE_FLOW_VALUE),
+    ('top-level sequence', TOP_LEVEL_SEQUENCE, TOP_LEVEL_SEQUENCE_VALUE),
+    ('CRLF', CRLF_DOC, CRLF_DOC_VALUE),
+    ('compose dns', COMPOSE_DNS, COMPOSE_DNS_VALUE),
+    ('convox hashes', CONVOX_HASHES, CONVOX_HASHES_VALUE),
+    ('empty', '', None),
+    ('comments only', '# nothing here\n\n   # still nothing\n', None),
+    ('marker only', '---\n# empty document\n', None),
+    ('top-level scalar', 'just text\n', 'just text'),
+]
+
+# (document, expected line, text the message must contain)
+REJECTED = [
+    ('a: 1\nb: &base 2\n', 2, 'anchors and aliases'),
+    ('a: 1\nb: *base\n', 2, 'anchors and aliases'),
+    ('services:\n  web: &web\n    image: x\n', 2, 'anchors and aliases'),
+    ('a:\n  - *x\n', 2, 'anchors and aliases'),
+    ('a: [1, *x]\n', 1, 'anchors and aliases'),
+    ('a: !!str 1\n', 1, 'tags'),
+    ('a:\n  b: !Ref x\n', 2, 'tags'),
+    ('a: 1\n---\nb: 2\n', 2, 'second document'),
+    ('a: 1\n...\n', 2, "'...'"),
+    ('a:\n\tb: 1\n', 2, 'tabs'),
+    ('a:\n  b: 1\n\t  c: 2\n', 3, 'tabs'),
+    ('a:\n    b: 1\n  c: 2\n', 3, 'bad indentation'),
+    ('services:\n  web:\n    image: x\n     port: 3\n', 4, 'bad indentation'),
+    ('- a\n - b\n', 2, 'bad indentation'),
+    ('a: "never closed\nb: 2\n', 1, 'unterminated quoted string'),
+    ("x: 1\ny: 'never closed\n", 2, 'unterminated quoted string'),
+    ('a: 1\nb: 2\na: 3\n', 3, "duplicate key 'a'"),
+    ('services:\n  web:\n    image: a\n    image: b\n', 4, "duplicate key 'image'"),
+    ('a: {x: 1,\n  x: 2}\n', 2, "duplicate key 'x'"),
+    ('? complex\n: value\n', 1, 'complex keys'),
+    ('base:\n  <<: {a: 1}\n', 2, 'merge keys'),
+    ('a: b: c\n', 1, 'quote values'),
+    ('a: value\n  continued here\n', 2, 'multi-line plain values'),
+    ('a: [1, 2\nb: 3\n', 2, "missing?"),
+    ('a: {x: 1\n', 1, "unclosed '{'"),
+    ('%YAML 1.2\n---\na: 1\n', 1, 'directives'),
+    ('a: - b\n', 1, 'same line'),
+    ('a: "x" y\n', 1, 'after the closing quote'),
+    ('a: |x\n  t\n', 1, 'block scalar header'),
+    ('a: "\\q"\n', 1, 'invalid escape'),
+    ('a: 1\n- b\n', 2, 'list item'),
+    ('a: @x\n', 1, "cannot start with '@'"),
+    ('list:\n  - a\nkey:value\n', 3, 'space after'),
+    ('timers:\n  t:\n    schedule: */5 * * * *\n', 3, "starting with '*' must be quoted"),
+]
+
+# (document, expected value of key "a")
+BLOCK_SCALARS = [
+    ('a: |\n  one\n  two\n\n\nb: 1\n', 'one\ntwo\n'),
+    ('a: |-\n  one\n  two\n\n\nb: 1\n', 'one\ntwo'),
+    ('a: |+\n  one\n  two\n\n\nb: 1\n', 'one\ntwo\n\n\n'),
+    ('a: >\n  one\n  two\n\n  three\n\n\nb: 1\n', 'one two\nthree\n'),
+    ('a: >-\n  one\n  two\n\n\n', 'one two'),
+    ('a: >+\n  one\n  two\n\n', 'one two\n\n'),
+    ('a: >\n  text\n    indented\n    more\n  back\n', 'text\n  indented\n  more\nback\n'),
+    ('a: |\n    deeper\n  # not a comment\n', None),  # second line is less indented: see below
+    ('a: |2\n    two extra\n  base\n', '  two extra\nbase\n'),
+    ('a: |-2\n    x\n', '  x'),
+    ('a: |\n\n  after blank\n', '\nafter blank\n'),
+    ('a: |\n  keep  trailing spaces  \n', 'keep  trailing spaces  \n'),
+    ('a: |\n  no final newline', 'no final newline'),
+    ('a: |\nb: 1\n', ''),
+    ('a: | # comment on the header\n  x\n', 'x\n'),
+    ('a: >\n  para one\n  continues\n\n\n  para two\n', 'para one continues\n\npara two\n'),
+    ('a:\n  - |\n    in a list\n  - >-\n    folded\n    item\n', ['in a list\n', 'folded item']),
+]
+
+# plain or quoted scalar text -> exact value (type checked too)
+SCALARS = [
+    ('', None), ('~', None), ('null', None), ('Null', None), ('NULL', None),
+    ('true', True), ('True', True), ('TRUE', True), ('false', False), ('False', False),
+    ('FALSE', False), ('tRue', 'tRue'), ('yes', 'yes'), ('no', 'no'), ('on', 'on'), ('off', 'off'),
+    ('0', 0), ('42', 42), ('-17', -17), ('+5', 5), ('007', 7), ('0o17', 15), ('0x1f', 31),
+    ('0xFF', 255), ('0b101', '0b101'), ('1_000', '1_000'),
+    ('1.5', 1.5), ('-0.25', -0.25), ('.5', 0.5), ('1.', 1.0), ('1e3', 1000.0), ('2.5E-1', 0.25),
+    ('.inf', float('inf')), ('+.INF', float('inf')), ('-.Inf', float('-inf')),
+    ('8080:80', '8080:80'), ('12:30', '12:30'), ('1.2.3', '1.2.3'), ('v1', 'v1'),
+    ('"42"', '42'), ("'true'", 'true'), ('"null"', 'null'), ("''", ''), ('""', ''),
+    ('"a\\tb\\nc"', 'a\tb\nc'), ('"\\x41\\u00e9\\U0001F600"', 'A\u00e9\U0001F600'),
+    ('"\\"quoted\\" \\\\ back"', '"quoted" \\ back'), ("'it''s'", "it's"),
+    ("'no \\n escapes'", 'no \\n escapes'), ('hello world', 'hello world'),
+    ('http://x.io:80/a#b', 'http://x.io:80/a#b'), ('value # comment', 'value'),
+    ('-dash', '-dash'), ('a,b', 'a,b'), ('[1, "2", [x]]', [1, '2', ['x']]),
+    ('{a: 1, "b c": [true], d: }', {'a': 1, 'b c': [True], 'd': None}), ('[]', []), ('{}', {}),
+    ('{x, y: 1}', {'x': None, 'y': 1}), ('[a, b, ]', ['a', 'b']), ('["x" , y]', ['x', 'y']),
+    ('{"k":1}', {'k': 1}),
+]
+
+
+class YamlDocumentTest(unittest.TestCase):
+    def test_documents(self):
+        for label, text, expected in DOCUMENTS:
+            with self.subTest(label):
+                self.assertEqual(convox.parse_yaml(text, 'test.yml'), expected)
+
+    def test_nan(self):
+        value = convox.parse_yaml('a: .nan\nb: .NaN\n', 'f.yml')
+        self.assertTrue(value['a'] != value['a'] and value['b'] != value['b'])
+
+    def test_rejected(self):
+        for text, line, fragment in REJECTED:
+            with self.subTest(text):
+                with self.assertRaises(convox.ManifestError) as caught:
+                    convox.parse_yaml(text, 'convox.yml')
+                message = str(caught.exception)
+                self.assertTrue(message.startswith('convox.yml:%d: ' % line), message)
+                self.assertIn(fragment, message)
+
+    def test_anchor_message(self):
+        with self.assertRaises(convox.ManifestError) as caught:
+            convox.parse_yaml('services:\n  web:\n    image: x\n\n\n\n    env: &e\n', 'convox.yml')
+        self.assertEqual(str(caught.exception), 'convox.yml:7: anchors and aliases (&name, *name) '
+                                                'are not supported — repeat the value instead')
+
+    def test_block_scalars(self):
+        for text, expected in BLOCK_SCALARS:
+            if expected is None:
+                continue
+            with self.subTest(text):
+                self.assertEqual(convox.parse_yaml(text, 'f.yml')['a'], expected)
+
+    def test_block_scalar_ends_at_less_indented_line(self):
+        with self.assertRaises(convox.ManifestError) as caught:
+            convox.parse_yaml('a: |\n    deeper\n  shallower\n', 'f.yml')
+        self.assertTrue(str(caught.exception).startswith('f.yml:3: bad indentation'))
+
+    def test_scalars(self):
+        for text, expected in SCALARS:
+            with self.subTest(text):
+                value = convox.parse_yaml('v: ' + text + '\n', 'f.yml')['v']
+                self.assertEqual((type(value), value), (type(expected), expected))
+
+    def test_keys_resolve_like_values(self):
+        self.assertEqual(convox.parse_yaml('1: a\n"1": b\nnull: c\non: d\n', 'f.yml'),
+                         {1: 'a', '1': 'b', None: 'c', 'on': 'd'})
+
+    def test_bom_and_leading_marker(self):
+        self.assertEqual(convox.parse_yaml('\ufeff--- # start\na: 1\n', 'f.yml'), {'a': 1})
+
+
+# ---------------------------------------------------------------- .env and interpolation
+
+class EnvFileTest(unittest.TestCase):
+    def test_parse(self):
+        text = ('# comment\n'
+                '\n'
+                'PLAIN=value\n'
+                'SPACED =  padded value   \n'
+                'export EXPORTED=yes\n'
+                "SINGLE='literal $HOME \\n # not a comment'\n"
+                'DOUBLE="line1\\nline2 \\"q\\""  # comment\n'
+                'TRAILING=abc # comment\n'
+                'HASH=abc#def\n'
+                'EMPTY=\n'
+                'EQUALS=a=b=c\n'
+                'MULTI="first\n'
+                'second"\n'
+                'dotted.key=1\n')
+        self.assertEqual(convox.parse_env_file(text, '.env'), {
+            'PLAIN': 'value', 'SPACED': 'padded value', 'EXPORTED': 'yes',
+            'SINGLE': 'literal $HOME \\n # not a comment', 'DOUBLE': 'line1\nline2 "q"',
+            'TRAILING': 'abc', 'HASH': 'abc#def', 'EMPTY': '', 'EQUALS': 'a=b=c',
+            'MULTI': 'first\nsecond', 'dotted.key': '1',
+        })
+
+    def test_errors(self):
+        for text, line in [('A=1\nnot a pair\n', 2), ('A=1\n\n=novalue\n', 3),
+                           ('A="unterminated\nB=2\n', 1), ("A='x' junk\n", 1)]:
+            with self.subTest(text):
+                with self.assertRaises(convox.ManifestError) as caught:
+                    convox.parse_env_file(text, '.env')
+                self.assertTrue(str(caught.exception).startswith('.env:%d: ' % line))
+
+
+class InterpolateTest(unittest.TestCase):
+    VARS = {'NAME': 'web', 'EMPTY': '', 'PORT': '3000'}
+
+    def run_case(self, text, **kwargs):
+        return convox.interpolate(text, self.VARS, 'docker-compose.yml', **kwargs)
+
+    def test_table(self):
+        cases = [
+            ('${NAME}', 'web'), ('$NAME', 'web'), ('pre-$NAME-post', 'pre-web-post'),
+            ('$$NAME', '$NAME'), ('$${NAME}', '${NAME}'), ('cost: $$5', 'cost: $5'),
+            ('${EMPTY:-dflt}', 'dflt'), ('${EMPTY-dflt}', ''), ('${UNSET-dflt}', 'dflt'),
+            ('${UNSET:-dflt}', 'dflt'), ('${NAME:-dflt}', 'web'), ('${NAME:+alt}', 'alt'),
+            ('${EMPTY:+alt}', ''), ('${EMPTY+alt}', 'alt'), ('${UNSET:-${PORT}}', '3000'),
+            ('$1 and $ alone $', '$1 and $ alone $'), ('no vars', 'no vars'),
+            ('${NAME:?must be set}', 'web'),
+        ]
+        for text, expected in cases:
+            with self.subTest(text):
+                self.assertEqual(self.run_case(text), (expected, []))
+
+    def test_missing_names(self):
+        value = {'$A': ['x${B}', '${A}$C', 1, None, True], 'k': {'n': '$B'}}
+        self.assertEqual(convox.interpolate(value, {}, 'f.yml'),
+                         ({'': ['x', '', 1, None, True], 'k': {'n': ''}}, ['A', 'B', 'C']))
+
+    def test_required_errors(self):
+        for text, fragment in [('${UNSET:?set UNSET first}', 'UNSET is missing a value: set UNSET first'),
+                               ('${EMPTY:?}', 'EMPTY is missing a value'),
+                               ('${UNSET?no}', 'UNSET is missing a value: no')]:
+            with self.subTest(text):
+                with self.assertRaises(convox.ManifestError) as caught:
+                    self.run_case(text)
+                self.assertIn(fragment, str(caught.exception))
+        self.assertEqual(self.run_case('${EMPTY?never}'), ('', []))
+
+    def test_malformed(self):
+        for text in ['${NAME', '${}', '${1abc}', 'x ${bad name}']:
+            with self.subTest(text):
+                with self.assertRaises(convox.ManifestError) as caught:
+                    self.run_case(text)
+                self.assertTrue(str(caught.exception).startswith('docker-compose.yml: '))
+
+    def test_braces_only(self):
+        self.assertEqual(self.run_case('sh -c "echo $HOME $$ ${NAME}"', braces_only=True),
+                         ('sh -c "echo $HOME $$ web"', []))
+
+
+# ---------------------------------------------------------------- load_manifest
+
+CONVOX_APP = """\
+environment:
+  - SECRET_KEY            # required
+  - API_TOKEN             # required
+  - RAILS_ENV=production
+  - LOG_LEVEL=info
+  - REGION=us-east-1
+resources:
+  database:
+    type: postgres
+services:
+  web:
+    build: .
+    command: bin/rails server -p $PORT
+    environment:
+      - PORT=3000
+      - LOG_LEVEL=debug
+    health: /health
+    port: http:3000
+    scale:
+      count: 2
+      memory: 512
+    links:
+      - redis
+    frobnicate: yes
+  worker:
+    build:
+      path: ./worker
+      manifest: Dockerfile.worker
+    command: [bundle, exec, sidekiq]
+    scale:
+      memory: "1024"
+    volumes:
+      - /tmp/cache
+      - uploads:/app/uploads
+      - ./shared:/app/shared
+    links: [redis, web]
+  redis:
+    image: redis:${REDIS_VERSION}
+    port: 6379
+"""
+
+COMPOSE_APP = """\
+version: '3.8'
+services:
+  web:
+    build:
+      context: ./web      # relative to this file
+      dockerfile: Dockerfile.dev
+      args:
+        RUBY_VERSION: "3.2"
+        BUNDLE_JOBS: 4
+        FROM_ENV:
+        NOT_SET:
+    command: bundle exec rails s -b 0.0.0.0 -p "${PORT:-3000}"
+    entrypoint: ./bin/docker-entrypoint
+    env_file:
+      - .env.web
+      - path: .env.optional
+        required: false
+    environment:
+      - RAILS_ENV=development
+      - FROM_ENV
+      - NOT_SET
+      - OVERRIDDEN=from-environment
+      - DOLLARS=$$HOME
+    ports:
+      - "3000:3000"
+      - 127.0.0.1:9229:9229
+      - "35729"
+      - 6000-6001:7000-7001/udp
+      - 4000
+      - "[::1]:5353:53/udp"
+      - target: 8443
+        published: 443
+        protocol: tcp
+        mode: host
+    volumes:
+      - ./web:/app:ro
+      - bundle:/usr/local/bundle
+      - /app/tmp
+      - type: volume
+        source: logs
+        target: /app/log
+      - type: tmpfs
+        target: /tmp
+    depends_on:
+      db:
+        condition: service_healthy
+    links:
+      - cache:memcached
+    mem_limit: 1g
+    labels:
+      - com.example.role=web
+      - com.example.flag
+    tty: true
+    restart: unless-stopped
+    x-custom: ignored
+  db:
+    image: postgres:${PG_VERSION}
+    environment:
+      POSTGRES_PASSWORD: ${DB_PASSWORD:-devpass}
+      POSTGRES_DB: app
+      PGDATA: null
+    mem_limit: 268435456
+    labels:
+      backup: true
+  cache:
+    image: memcached:1.6
+    command: ["memcached", "-m", "64"]
+    depends_on: [db]
+    deploy:
+      resources:
+        limits:
+          memory: 64M
+volumes:
+  bundle:
+  logs:
+networks:
+  default:
+    name: app
+x-defaults:
+  something: 1
+"""
+
+
+class LoadManifestTest(unittest.TestCase):
+    def setUp(self):
+        self.old_cwd = os.getcwd()
+        self.dir = os.path.realpath(tempfile.mkdtemp(prefix='manifest-test-'))
+        os.chdir(self.dir)
+
+    def tearDown(self):
+        os.chdir(self.old_cwd)
+        shutil.rmtree(self.dir)
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, 'w') as f:
+            f.write(text)
+        return path
+
+    def error(self, name, text, environ=None):
+        self.write(name, text)
+        with self.assertRaises(convox.ManifestError) as caught:
+            convox.load_manifest(os.path.join(self.dir, name), environ or {})
+        return str(caught.exception)
+
+    def test_convox(self):
+        self.write('convox.yml', CONVOX_APP)
+        self.write('.env', 'SECRET_KEY=from-dotenv\nAPI_TOKEN=from-dotenv\nLOG_LEVEL=warn\n'
+                           'REDIS_VERSION=6\nUNRELATED=x\n')
+        m = convox.load_manifest(os.path.join(self.dir, 'convox.yml'),
+                             {'API_TOKEN': 'from-environ', 'REDIS_VERSION': '7.2', 'PATH': '/bin'})
+        self.assertEqual((m.kind, m.path, m.directory),
+                         ('convox', os.path.join(self.dir, 'convox.yml'), self.dir))
+        self.assertEqual(list(m.services), ['web', 'worker', 'redis'])
+        web, worker, redis = m.services['web'], m.services['worker'], m.services['redis']
+        base_env = {'SECRET_KEY': 'from-dotenv', 'API_TOKEN': 'from-environ', 'RAILS_ENV': 'production',
+                    'LOG_LEVEL': 'warn', 'REGION': 'us-east-1'}
+        self.assertEqual(vars(web), {
+            'name': 'web',
+            'build': {'context': self.dir, 'dockerfile': 'Dockerfile', 'args': {}},
+            'image': None,
+            'command': ['sh', '-c', 'bin/rails server -p $PORT'],
+            'entrypoint': None,
+            'environment': dict(base_env, PORT='3000'),
+            'ports': [{'host_ip': '127.0.0.1', 'host_port': 3000, 'container_port': 3000,
+                       'protocol': 'tcp'}],
+            'memory': 512,
+            'volumes': [],
+            'links': ['redis'],
+            'labels': {},
+        })
+        self.assertEqual(vars(worker), {
+            'name': 'worker',
+            'build': {'context': os.path.join(self.dir, 'worker'), 'dockerfile': 'Dockerfile.worker',
+                      'args': {}},
+            'image': None,
+            'command': ['bundle', 'exec', 'sidekiq'],
+            'entrypoint': None,
+            'environment': base_env,
+            'ports': [],
+            'memory': 1024,
+            'volumes': [
+                {'type': 'volume', 'source': '', 'target': '/tmp/cache', 'read_only': False},
+                {'type': 'volume', 'source': 'uploads', 'target': '/app/uploads', 'read_only': False},
+                {'type': 'bind', 'source': os.path.join(self.dir, 'shared'), 'target': '/app/shared',
+                 'read_only': False},
+            ],
+            'links': ['redis', 'web'],
+            'labels': {},
+        })
+        self.assertEqual((redis.build, redis.image, redis.command, redis.environment, redis.ports),
+                         (None, 'redis:7.2', None, base_env,
+                          [{'host_ip': '127.0.0.1', 'host_port': 6379, 'container_port': 6379,
+                            'protocol': 'tcp'}]))
+        self.assertEqual(m.warnings, ['convox.yml: services.web.frobnicate is not supported and is ignored'])
+        self.assertEqual(m.dependencies('worker'), ['redis', 'web', 'worker'])
+        self.assertEqual(m.dependencies('redis'), ['redis'])
+
+    def test_convox_required_env(self):
+        message = self.error('convox.yml', CONVOX_APP, {'REDIS_VERSION': '7'})
+        self.assertEqual(message, 'required env: API_TOKEN, SECRET_KEY')
+        self.write('.env', 'SECRET_KEY=x\n')
+        self.assertEqual(self.error('convox.yml', CONVOX_APP), 'required env: API_TOKEN')
+
+    def test_convox_defaults_and_image_only(self):
+        self.write('convox.yaml', 'services:\n  web: {}\n  db:\n    image: postgres\n')
+        m = convox.load_manifest('convox.yaml', {})
+        self.assertEqual(m.services['web'].build,
+                         {'context': self.dir, 'dockerfile': 'Dockerfile', 'args': {}})
+        self.assertIsNone(m.services['db'].build)
+        self.assertEqual(m.kind, 'convox')
+
+    def test_convox_star_env_build_args_and_memory_limit(self):
+        self.write('convox.yml', 'environment:\n  - "*"\n  - EXTRA=1\nservices:\n  web:\n'
+                                 '    build:\n      path: .\n      args: [NODE_ENV, VERSION=2, UNSET]\n'
+                                 '    scale:\n      memory: 256\n      limit:\n        memory: 1024\n')
+        self.write('.env', 'A=1\nB=2\nNODE_ENV=production\n')
+        m = convox.load_manifest('convox.yml', {'B': 'environ', 'HOME': '/root'})
+        web = m.services['web']
+        self.assertEqual(web.environment,
+                         {'A': '1', 'B': 'environ', 'NODE_ENV': 'production', 'EXTRA': '1'})
+        self.assertEqual(web.build['args'], {'NODE_ENV': 'production', 'VERSION': '2'})
+        self.assertEqual(web.memory, 1024)
+        self.assertEqual(m.warnings, [])
+
+    def test_compose(self):
+        self.write('docker-compose.yml', COMPOSE_APP)
+        self.write('.env', 'PG_VERSION=15\nDB_PASSWORD=\nFROM_ENV=dotenv\n')
+        self.write('.env.web', 'OVERRIDDEN=from-env-file\nWEB_ONLY=1\n')
+        m = convox.load_manifest('docker-compose.yml', {'FROM_ENV': 'shell', 'PORT': '4000'})
+        self.assertEqual((m.kind, list(m.services)), ('compose', ['web', 'db', 'cache']))
+        web, db, cache = m.services['web'], m.services['db'], m.services['cache']
+        self.assertEqual(vars(web), {
+            'name': 'web',
+            'build': {'context': os.path.join(self.dir, 'web'), 'dockerfile': 'Dockerfile.dev',
+                      'args': {'RUBY_VERSION': '3.2', 'BUNDLE_JOBS': '4', 'FROM_ENV': 'shell'}},
+            'image': None,
+            'command': ['bundle', 'exec', 'rails', 's', '-b', '0.0.0.0', '-p', '4000'],
+            'entrypoint': ['./bin/docker-entrypoint'],
+            'environment': {'OVERRIDDEN': 'from-environment', 'WEB_ONLY': '1',
+                            'RAILS_ENV': 'development', 'FROM_ENV': 'shell', 'DOLLARS': '$HOME'},
+            'ports': [
+                {'host_ip': '0.0.0.0', 'host_port': 3000, 'container_port': 3000, 'protocol': 'tcp'},
+                {'host_ip': '127.0.0.1', 'host_port': 9229, 'container_port': 9229, 'protocol': 'tcp'},
+                {'host_ip': '0.0.0.0', 'host_port': None, 'container_port': 35729, 'protocol': 'tcp'},
+                {'host_ip': '0.0.0.0', 'host_port': 6000, 'container_port': 7000, 'protocol': 'udp'},
+                {'host_ip': '0.0.0.0', 'host_port': 6001, 'container_port': 7001, 'protocol': 'udp'},
+                {'host_ip': '0.0.0.0', 'host_port': None, 'container_port': 4000, 'protocol': 'tcp'},
+                {'host_ip': '::1', 'host_port': 5353, 'container_port': 53, 'protocol': 'udp'},
+                {'host_ip': '0.0.0.0', 'host_port': 443, 'container_port': 8443, 'protocol': 'tcp'},
+            ],
+            'memory': 1024,
+            'volumes': [
+                {'type': 'bind', 'source': os.path.join(self.dir, 'web'), 'target': '/app',
+                 'read_only': True},
+                {'type': 'volume', 'source': 'bundle', 'target': '/usr/local/bundle', 'read_only': False},
+                {'type': 'volume', 'source': '', 'target': '/app/tmp', 'read_only': False},
+                {'type': 'volume', 'source': 'logs', 'target': '/app/log', 'read_only': False},
+            ],
+            'links': ['db', 'cache'],
+            'labels': {'com.example.role': 'web', 'com.example.flag': ''},
+        })
+        self.assertEqual((db.image, db.environment, db.memory, db.labels, db.build),
+                         ('postgres:15', {'POSTGRES_PASSWORD': 'devpass', 'POSTGRES_DB': 'app'}, 256,
+                          {'backup': 'true'}, None))
+        self.assertEqual((cache.command, cache.links, cache.memory),
+                         (['memcached', '-m', '64'], ['db'], 64))
+        self.assertEqual(m.warnings, [
+            'docker-compose.yml: services.web.volumes: volumes of type tmpfs are not supported '
+            'and are ignored',
+            'docker-compose.yml: services.web.tty is not supported and is ignored',
+        ])
+        self.assertEqual(m.dependencies('web'), ['db', 'cache', 'web'])
+
+    def test_compose_missing_variable_warning_and_file_names(self):
+        for name in ['compose.yaml', 'compose.yml', 'docker-compose.yaml', 'stack.yml']:
+            with self.subTest(name):
+                self.write(name, 'services:\n  app:\n    image: "app:${TAG}"\n')
+                m = convox.load_manifest(name, {})
+                self.assertEqual((m.kind, m.services['app'].image), ('compose', 'app:'))
+                self.assertEqual(m.warnings,
+                                 ['%s: variable TAG is not set; using an empty string' % name])
+
+    def test_memory_sizes(self):
+        cases = [('512m', 512), ('1g', 1024), (268435456, 256), ('512M', 512), ('1.5g', 1536),
+                 ('2048k', 2), ('100000000', 96), ('1gb', 1024), ('64Mi', 64)]
+        for value, expected in cases:
+            with self.subTest(value):
+                text = 'services:\n  a:\n    image: x\n    mem_limit: %s\n' % (
+                    value if isinstance(value, int) else '"%s"' % value)
+                self.write('docker-compose.yml', text)
+                self.assertEqual(convox.load_manifest('docker-compose.yml', {}).services['a'].memory,
+                                 expected)
+
+    def test_type_errors(self):
+        cases = [
+            ('convox.yml', 'services: [a]\n', 'convox.yml: services must be a mapping of service names'),
+            ('convox.yml', 'services:\n  web:\n    port: [1]\n',
+             'convox.yml: services.web.port must be a number or "http:NUMBER"'),
+            ('convox.yml', 'services:\n  web:\n    environment: 5\n',
+             'convox.yml: services.web.environment must be a list of KEY or KEY=default'),
+            ('convox.yml', 'services:\n  web:\n    scale:\n      memory: lots\n',
+             'convox.yml: services.web.scale.memory must be a number of megabytes'),
+            ('convox.yml', 'services:\n  web:\n    links: [db]\n',
+             "convox.yml: services.web depends on unknown service 'db' (services: web)"),
+            ('convox.yml', 'services: {}\n', 'convox.yml: no services defined — add a "services:" section'),
+            ('convox.yml', '# empty\n', 'convox.yml: the file is empty — add a "services:" section'),
+            ('convox.yml', '- a\n', 'convox.yml: must be a mapping with a "services:" section'),
+            ('docker-compose.yml', 'services:\n  Web:\n    image: x\n',
+             'docker-compose.yml: services.Web is not a valid service name — use lowercase letters, '
+             'digits, "-", "_" and "."'),
+            ('docker-compose.yml', 'services:\n  web:\n    ports: ["80"]\n',
+             'docker-compose.yml: services.web needs "image" or "build"'),
+            ('docker-compose.yml', 'web:\n  image: nginx\n',
+             'docker-compose.yml: this looks like a version 1 compose file; put the services under '
+             '"services:" (compose file format 2 or later)'),
+            ('docker-compose.yml', 'services:\n  web:\n    image: x\n    ports: ["99999:80"]\n',
+             'docker-compose.yml: services.web.ports must be a port number between 1 and 65535'),
+            ('docker-compose.yml', 'services:\n  web:\n    image: x\n    ports: "80"\n',
+             'docker-compose.yml: services.web.ports must be a list'),
+            ('docker-compose.yml', 'services:\n  web:\n    image: x\n    environment: 5\n',
+             'docker-compose.yml: services.web.environment must be a list of KEY=VALUE or a mapping'),
+            ('docker-compose.yml', 'services:\n  web:\n    image: x\n    volumes: ["data:relative"]\n',
+             'docker-compose.yml: services.web.volumes has a bad volume \'data:relative\' — the target '
+             'must be an absolute path'),
+            ('docker-compose.yml', 'services:\n  web:\n    image: x\n    volumes:\n      - type: bind\n'
+                                   '        target: /app\n',
+             'docker-compose.yml: services.web.volumes.source is required for a bind mount'),
+            ('docker-compose.yml', 'services:\n  web:\n    image: x\n    env_file: missing.env\n',
+             'docker-compose.yml: services.web.env_file file missing.env not found'),
+            ('docker-compose.yml', 'services:\n  web:\n    image: x\n    command: "echo \'oops"\n',
+             'docker-compose.yml: services.web.command cannot be split into arguments: '
+             'No closing quotation'),
+            ('docker-compose.yml', 'services:\n  web:\n    image: x\n    mem_limit: huge\n',
+             'docker-compose.yml: services.web.mem_limit must be a size like 512m or 1g'),
+            ('docker-compose.yml', 'services:\n  web:\n    build: https://github.com/a/b.git\n',
+             'docker-compose.yml: services.web.build.context is a remote URL; only local build '
+             'folders are supported'),
+        ]
+        for name, text, expected in cases:
+            with self.subTest(text):
+                self.assertEqual(self.error(name, text), expected)
+                os.remove(name)
+
+    def test_yaml_error_names_file_and_line(self):
+        self.assertEqual(self.error('convox.yml', 'services:\n  web:\n    image: *img\n'),
+                         'convox.yml:3: anchors and aliases (&name, *name) are not supported — '
+                         'repeat the value instead')
+
+    def test_bad_dotenv(self):
+        self.write('.env', 'GOOD=1\nthis is wrong\n')
+        message = self.error('convox.yml', 'services:\n  web: {}\n')
+        self.assertEqual(message, ".env:2: expected KEY=VALUE, got 'this is wrong'")
+
+    def test_dependencies_errors(self):
+        self.write('docker-compose.yml', 'services:\n  a:\n    image: x\n    depends_on: [b]\n'
+                                         '  b:\n    image: x\n    links: [a]\n')
+        m = convox.load_manifest('docker-compose.yml', {})
+        with self.assertRaises(convox.ManifestError) as caught:
+            m.dependencies('a')
+        self.assertEqual(str(caught.exception), 'dependency cycle: a -> b -> a')
+        with self.assertRaises(convox.ManifestError) as caught:
+            m.dependencies('zzz')
+        self.assertEqual(str(caught.exception), "no service named 'zzz' (services: a, b)")
+
+    def test_missing_file(self):
+        with self.assertRaises(convox.ManifestError) as caught:
+            convox.load_manifest('nope/convox.yml', {})
+        self.assertEqual(str(caught.exception), 'nope/convox.yml: file not found')
+
+
+# ---------------------------------------------------------------- .dockerignore
+
+DOCKERIGNORE_TABLE = [
+    (['*.md', '!README.md'], 'README.md', False),
+    (['*.md', '!README.md'], 'CHANGELOG.md', True),
+    (['*.md'], 'docs/guide.md', False),
+    (['**/*.md'], 'docs/guide.md', True),
+    (['**/*.md'], 'README.md', True),
+    (['**/*.go'], 'a/b/c.go', True),
+    (['**/*.go'], 'main.go', True),
+    (['**/*.go'], 'main.goo', False),
+    (['temp?'], 'temp1', True),
+    (['temp?'], 'temp', False),
+    (['temp?'], 'temp12', False),
+    (['temp?'], 'tempa/file.txt', True),
+    (['*/temp*'], 'somedir/temporary.txt', True),
+    (['*/temp*'], 'temp.txt', False),
+    (['*/temp*'], 'a/b/temp.txt', False),
+    (['*/*/temp*'], 'a/b/temp.txt', True),
+    (['node_modules'], 'node_modules', True),
+    (['node_modules'], 'node_modules/lodash/index.js', True),
+    (['node_modules'], 'src/node_modules/x.js', False),
+    (['/build'], 'build/out.o', True),
+    (['/build'], 'src/build', False),
+    (['docs/**', '!docs/keep.md'], 'docs/keep.md', False),
+    (['docs/**', '!docs/keep.md'], 'docs/other.md', True),
+    (['docs/**'], 'docs', False),
+    (['docs', '!docs/README.md'], 'docs/README.md', False),
+    (['docs', '!docs/README.md'], 'docs/api/index.md', True),
+    (['[a-c]*.txt'], 'b1.txt', True),
+    (['[a-c]*.txt'], 'd1.txt', False),
+    (['.git', '*.log'], '.git/HEAD', True),
+    (['.git', '*.log'], 'server.log', True),
+    (['**'], 'anything/at/all', True),
+    (['**', '!src'], 'src/main.py', False),
+    (['*', '!Dockerfile'], 'Dockerfile', False),
+    (['*', '!Dockerfile'], 'app.py', True),
+    (['./dist/'], 'dist/bundle.js', True),
+    (['# just a comment', '', '   ', 'tmp'], 'tmp', True),
+    (['#tmp'], 'tmp', False),
+    (['  tmp  '], 'tmp', True),
+    (['a/../b'], 'b', True),
+    (['*.txt', '!important.txt', 'important.txt'], 'important.txt', True),
+    (['**/temp'], 'a/temp/x', True),
+    (['foo/**/bar'], 'foo/bar', True),
+    (['foo/**/bar'], 'foo/x/y/bar', True),
+    (['foo/**/bar'], 'foobar', False),
+    (['\\#file'], '#file', True),
+    (['!keep'], 'keep', False),
+    (['*.pyc', '**/__pycache__'], 'pkg/__pycache__/mod.cpython-311.pyc', True),
+    (['.env*', '!.env.example'], '.env.example', False),
+    (['.env*', '!.env.example'], '.env.local', True),
+    (['file.(x)'], 'file.(x)', True),
+    (['file.txt'], 'fileXtxt', False),
+]
+
+
+class DockerignoreTest(unittest.TestCase):
+    def test_table(self):
+        for lines, path, expected in DOCKERIGNORE_TABLE:
+            with self.subTest(lines=lines, path=path):
+                self.assertEqual(convox.dockerignore_matcher(lines)(path), expected)
+
+    def test_bad_patterns(self):
+        for lines in (['!'], ['[unclosed']):
+            with self.subTest(lines):
+                with self.assertRaises(convox.ManifestError):
+                    convox.dockerignore_matcher(lines)('x')
+
+    def test_read_dockerignore(self):
+        tmp = tempfile.mkdtemp()
+        try:
+            self.assertEqual(convox.read_dockerignore(tmp), [])
+            with open(os.path.join(tmp, '.dockerignore'), 'w') as f:
+                f.write('\ufeff*.log\r\n!keep.log\n')
+            self.assertEqual(convox.read_dockerignore(tmp), ['*.log', '!keep.log'])
+        finally:
+            shutil.rmtree(tmp)
+
+
+# ---------------------------------------------------------------- build context tar
+
+class _ChunkReader(object):
+    """A file-like reader over a chunk iterator, for tarfile's streaming mode."""
+
+    def __init__(self, chunks):
+        self.chunks = iter(chunks)
+        self.buf = b''
+
+    def read(self, size=-1):
+        while size < 0 or len(self.buf) < size:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                break
+            self.buf += chunk
+        if size < 0:
+            size = len(self.buf)
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
+
+
+class TarContextTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='context-test-')
+
+    def tearDown(self):
+        shutil.rmtree(self.dir)
+
+    def write(self, rel, data=b'x'):
+        path = os.path.join(self.dir, rel)
+        if not os.path.isdir(os.path.dirname(path)):
+            os.makedirs(os.path.dirname(path))
+        with open(path, 'wb') as f:
+            f.write(data)
+
+    def members(self, **kwargs):
+        data = b''.join(convox.tar_context(self.dir, **kwargs))
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            return dict((m.name, m) for m in tar.getmembers()), data
+
+    def test_tree(self):
+        self.write('.dockerignore', b'*.log\nnode_modules\nDockerfile\n.dockerignore\n'
+                                    b'docs\n!docs/keep.md\n**/*.tmp\n')
+        self.write('Dockerfile', b'FROM scratch\n')
+        self.write('app.py', b'print(1)\n')
+        self.write('debug.log')
+        self.write('node_modules/lib/x.js')
+        self.write('docs/keep.md', b'keep')
+        self.write('docs/drop.md')
+        self.write('src/main.py')
+        self.write('src/cache.tmp')
+        os.mkdir(os.path.join(self.dir, 'emptydir'))
+        os.symlink('app.py', os.path.join(self.dir, 'link'))
+        members, data = self.members()
+        self.assertEqual(sorted(members), ['.dockerignore', 'Dockerfile', 'app.py', 'docs/keep.md',
+                                           'emptydir', 'link', 'src', 'src/main.py'])
+        self.assertTrue(members['link'].issym() and members['link'].linkname == 'app.py')
+        self.assertTrue(members['emptydir'].isdir())
+        for member in members.values():
+            self.assertEqual((member.uid, member.gid, member.uname, member.gname), (0, 0, '', ''))
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            self.assertEqual(tar.extractfile('docs/keep.md').read(), b'keep')
+            names = tar.getnames()
+        self.assertEqual(names, sorted(names))  # sorted, directories before their contents
+
+    def test_custom_dockerfile_in_ignored_folder(self):
+        self.write('.dockerignore', b'docker\n')
+        self.write('docker/Dockerfile.dev', b'FROM scratch\n')
+        self.write('docker/other')
+        members, _ = self.members(dockerfile='docker/Dockerfile.dev')
+        self.assertEqual(sorted(members), ['.dockerignore', 'docker/Dockerfile.dev'])
+
+    def test_wildcard_exception_inside_ignored_folder(self):
+        self.write('.dockerignore', b'vendor\n!**/LICENSE\n')
+        self.write('vendor/pkg/LICENSE')
+        self.write('vendor/pkg/code.go')
+        members, _ = self.members()
+        self.assertEqual(sorted(members), ['.dockerignore', 'vendor/pkg/LICENSE'])
+
+    def test_large_file_streams(self):
+        self.write('Dockerfile', b'FROM scratch\n')
+        size = 20 * 1024 * 1024
+        with open(os.path.join(self.dir, 'big.bin'), 'wb') as f:
+            block = b'0123456789abcdef' * 4096
+            for _ in range(size // len(block)):
+                f.write(block)
+        sizes = []
+
+        def counted():
+            for chunk in convox.tar_context(self.dir):
+                sizes.append(len(chunk))
+                yield chunk
+
+        with tarfile.open(fileobj=_ChunkReader(counted()), mode='r|') as tar:
+            seen = dict((m.name, m.size) for m in tar)
+        self.assertEqual(seen, {'Dockerfile': 13, 'big.bin': size})
+        self.assertGreater(len(sizes), 100)
+        self.assertLessEqual(max(sizes), 256 * 1024)
+
+    def test_missing_context(self):
+        with self.assertRaises(convox.ManifestError):
+            convox.tar_context(os.path.join(self.dir, 'nope'))  # raised at call time, not iteration
+
+
+
+
+# ==========================================================================================
 # The CLI in-process
 # ==========================================================================================
 
