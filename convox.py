@@ -3441,6 +3441,8 @@ def cmd_run(ctx):
     apps = Apps(engine)
     template = service_template(engine, apps, app, service)
     if template is None:
+        template = manifest_template(engine, app, service, ctx.environ)
+    if template is None:
         apps.require_app(app, inferred)
         raise ConvoxError("no such service: %s (app %s); services: %s" %
                           (service, app, ", ".join(apps.services(app)) or "none"))
@@ -3793,11 +3795,13 @@ class LocalApp:
             "Image": self.images[name],
             "Env": ["%s=%s" % item for item in sorted(service.environment.items())],
             "Labels": labels,
-            "HostConfig": {"NetworkMode": self.network,
+            "HostConfig": {"NetworkMode": self.network or "default",
                            "Memory": (service.memory or 0) * 1024 * 1024},
-            "NetworkingConfig": {"EndpointsConfig": {self.network: {"Aliases": [name]}}},
             "AttachStdout": True, "AttachStderr": True,
         }
+        if self.network:
+            config["NetworkingConfig"] = {"EndpointsConfig": {
+                self.network: {"Aliases": [name]}}}
         if command is not None or service.command is not None:
             config["Cmd"] = command if command is not None else service.command
         if service.entrypoint is not None:
@@ -3842,7 +3846,8 @@ class LocalApp:
                        "Entrypoint": config.get("Entrypoint"), "WorkingDir": "", "User": ""},
             "HostConfig": config["HostConfig"],
             "Mounts": mounts,
-            "NetworkSettings": {"Networks": {self.network: {"Aliases": [name]}}},
+            "NetworkSettings": {"Networks": {self.network: {"Aliases": [name]}}
+                                if self.network else {}},
         }
 
     def create(self, name):
@@ -3881,6 +3886,30 @@ class LocalApp:
                 self.engine.request("DELETE", "/networks/%s" % self.network)
             except ConvoxError:
                 pass
+
+
+def manifest_template(engine, app, service, environ, cwd=None):
+    """run's last resort (SPEC §6): the service as the current folder's manifest declares
+    it, with its last build (or its image), on the app's network when there is one."""
+    try:
+        path = find_manifest(None, cwd)
+    except ConvoxError:
+        return None
+    manifest = load_manifest(path, dict(environ))
+    if service not in manifest.services:
+        return None
+    local = LocalApp(engine, app, manifest, release="")
+    definition = manifest.services[service]
+    if definition.build is not None:
+        local.images[service] = local.last_build(service)
+    else:
+        local.images[service] = local.ensure_image(definition.image, LogPrinter([service], 2))
+    try:
+        engine.request("GET", "/networks/%s" % app)
+        local.network = app
+    except NotFound:
+        pass
+    return local.template(service)
 
 
 def follow(local, streams, printer, signal_fd):

@@ -2253,6 +2253,13 @@ services:
         self.assertEqual(self.processes_of(app), [])
         names = [n["Name"] for n in self.engine.request("GET", "/networks")]
         self.assertNotIn(app, names)
+        # With no container of the app left, run falls back to the manifest and the last
+        # build of the service (SPEC §6).
+        result = self.convox("-a", app, "run", "web", "sh -c 'echo $GREETING; exit 5'",
+                             cwd=folder, timeout=120)
+        self.assertEqual((result.returncode, result.stdout), (5, b"from .env\n"),
+                         result.stderr)
+        self.assertEqual(self.processes_of(app), [])
 
     def test_exit_status_of_services(self):
         app = app_name("exits")
