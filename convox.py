@@ -30,6 +30,17 @@ Without a TTY the stream carries 8-byte frame headers ([stream, 0, 0, 0, size32]
 ``Demuxer`` splits back into stdout and stderr; with a TTY it is raw terminal bytes.
 """
 
+import signal
+
+# Out of order, before the other imports: until main() takes over, Ctrl-C ends the process
+# quietly, as it would a C program.  A KeyboardInterrupt while the modules below load
+# (http.client loads ssl, which takes a while) would print a traceback.  A SIGINT that the
+# shell set to be ignored (a background job) stays ignored.
+_SIGINT_DEFERRED = (__name__ == "__main__" and
+                    signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+if _SIGINT_DEFERRED:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import errno
 import http.client
@@ -37,7 +48,6 @@ import json
 import os
 import re
 import select
-import signal
 import socket
 import sys
 import time
@@ -292,8 +302,10 @@ def negotiate_version(server_version, override=None):
     """The API version to speak: DOCKER_API_VERSION, else min(server's, the newest known)."""
     if override:
         return override
-    if not server_version:
-        return "1.24"  # the engine predates the header; 1.24 is Docker 1.12's API
+    if not re.match(r"[0-9]+\.[0-9]+\Z", server_version or ""):
+        # No header (or one that is not a version, which would end up in every URL): the
+        # engine predates the header; 1.24 is Docker 1.12's API.
+        return "1.24"
     return min(server_version, API_VERSION_MAX, key=_version_tuple)
 
 
@@ -353,6 +365,9 @@ class Engine:
         environ = os.environ if environ is None else environ
         self.rack = rack
         self.version = environ.get("DOCKER_API_VERSION") or None
+        if self.version and not re.match(r"[0-9]+\.[0-9]+\Z", self.version):
+            raise UsageError("DOCKER_API_VERSION must be an API version like 1.41, not %r — "
+                             "unset it to negotiate one" % self.version)
         self.timeout = control_timeout(environ)
         self.connections = 0
         self._conn = None
@@ -384,8 +399,10 @@ class Engine:
 
     def url(self, path, query=None):
         """The versioned URL of an API path, with a query string from a dict."""
-        from urllib.parse import urlencode
-        url = "/v%s%s" % (self.api_version(), path)
+        from urllib.parse import quote, urlencode
+        # Paths carry words from the command line (IDs, names): quoted, a space, '?', '#' or
+        # a non-ASCII word is a name the engine doesn't know, not a broken request.
+        url = "/v%s%s" % (self.api_version(), quote(path, safe="/:@"))
         if query:
             pairs = [(k, v) for k, v in query.items() if v is not None]
             pairs = [(k, json.dumps(v) if isinstance(v, dict) else
@@ -1368,7 +1385,7 @@ def parse_timestamp(text):
 
 def format_table(headers, rows):
     """Left-aligned columns two spaces apart, the last one unpadded (Convox's tables)."""
-    rows = [list(map(str, row)) for row in rows]
+    rows = [[printable(str(cell)) for cell in row] for row in rows]
     widths = [max([len(headers[i])] + [len(row[i]) for row in rows])
               for i in range(len(headers))]
     lines = []
@@ -1376,6 +1393,17 @@ def format_table(headers, rows):
         cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines) + "\n"
+
+
+#: Characters shown escaped, never sent raw to a terminal: C0, DEL, C1 and the bidi
+#: overrides that reorder what follows.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text):
+    """Text from labels or the engine, safe for a terminal: a newline would break a table's
+    rows, an escape sequence would act on the terminal; both are shown escaped (\\n, \\x1b)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def shell_join(words):
@@ -3157,13 +3185,13 @@ def tar_context(context_dir, dockerfile='Dockerfile'):
 class Context:
     """What every verb needs: the engine, the app and the standard streams."""
 
-    def __init__(self, args, environ=None, stdin=None, stdout=None, stderr=None):
+    def __init__(self, args, environ=None, stdin=None, stdout=None, stderr=None, stdio=None):
         self.args = args
         self.environ = os.environ if environ is None else environ
         self.stdin = stdin if stdin is not None else sys.stdin
         self.stdout = stdout if stdout is not None else sys.stdout
         self.stderr = stderr if stderr is not None else sys.stderr
-        self.stdio = Stdio()
+        self.stdio = stdio if stdio is not None else Stdio()
         self._engine = None
 
     @property
@@ -3233,7 +3261,8 @@ def ps_info(ctx, ident):
         ("Command", shell_join(p.command)), ("Image", p.image),
     ]
     width = max(len(key) for key, _ in fields)
-    ctx.out("".join("%s  %s\n" % (key.ljust(width), value) for key, value in fields))
+    ctx.out("".join("%s  %s\n" % (key.ljust(width), printable(str(value)))
+                    for key, value in fields))
     return 0
 
 
@@ -3470,8 +3499,8 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
     attach_stdin = not detach and stdio.stdin_fd is not None
     config, extra_networks = one_off_config(
         template, command, app=app, service=service, image=image, release=release,
-        env=args.env or (), memory=args.memory, entrypoint=entrypoint, tty=tty, stdin=attach_stdin,
-        detach=detach, console=console)
+        env=args.env or (), memory=args.memory, entrypoint=entrypoint, tty=tty,
+        stdin=attach_stdin, detach=detach, console=console)
     name = _container_name(app, service)
     timeout = DEFAULT_RUN_TIMEOUT if args.timeout is None else args.timeout
     if detach:
@@ -4204,20 +4233,25 @@ def parse_command_line(parser, argv):
     return args
 
 
-def main(argv=None, environ=None):
-    """Run the CLI; return the exit status (only the __main__ guard exits)."""
+def main(argv=None, environ=None, stdio=None):
+    """Run the CLI; return the exit status (only the __main__ guard exits).
+
+    ``stdio`` (a Stdio) gives sessions other fds than 0, 1 and 2.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     environ = os.environ if environ is None else environ
     verb = args = None
     ctx = None
     try:
+        if _SIGINT_DEFERRED and signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # see the imports
         parser = build_parser()
         args = parse_command_line(parser, argv)
         verb = args.verb
         if verb is None:
             parser.print_help()
             return 2
-        ctx = Context(args, environ)
+        ctx = Context(args, environ, stdio=stdio)
         return args.handler(ctx)
     except ExitStatus as exc:
         return exc.status

@@ -2312,5 +2312,509 @@ services:
         self.assertEqual(self.processes_of(app), [])
 
 
+# ==========================================================================================
+# The real engine and real terminals: exec
+# ==========================================================================================
+
+# ==========================================================================================
+# exec's stream ends and statuses, on socketpairs and pipes
+# ==========================================================================================
+
+class ExecStreamEndTest(unittest.TestCase):
+    """What the engine side of the socket sees when our stdin ends, and the 126/127 rule."""
+
+    def pump_with_input(self, data, tty):
+        """Run pump over a socketpair with ``data`` then EOF on stdin; the engine side
+        answers once it has read what it expects -> (bytes it read, our stdout, outcome)."""
+        ours, engine = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(engine.close)
+        stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        for fd in (stdin_r, out_r, out_w):
+            self.addCleanup(os.close, fd)
+        os.write(stdin_w, data)
+        os.close(stdin_w)
+        received = []
+
+        def engine_side():
+            got = b""
+            try:
+                engine.settimeout(10)
+                want = len(data) + (1 if tty and data.endswith(b"\n") else 2 if tty else 0)
+                while len(got) < want or not tty:
+                    chunk = engine.recv(100)
+                    if not chunk:
+                        received.append("half-closed")
+                        break
+                    got += chunk
+                payload = b"out" if tty else struct.pack(">BxxxL", 1, 3) + b"out"
+                engine.sendall(payload)
+            finally:
+                received.insert(0, got)
+                engine.close()
+
+        thread = threading.Thread(target=engine_side)
+        thread.start()
+        outcome = convox.pump(convox.Hijacked(ours, b"", ""), tty=tty, stdin_fd=stdin_r,
+                              stdout_fd=out_w, deadline=time.monotonic() + 15)
+        thread.join(15)
+        return received, os.read(out_r, 100), outcome
+
+    def test_tty_eof_is_ctrl_d(self):
+        # A half-close would make the engine hang the far terminal up and drop its output.
+        self.assertEqual(self.pump_with_input(b"hi\n", tty=True),
+                         ([b"hi\n\x04"], b"out", "eof"))
+        self.assertEqual(self.pump_with_input(b"hi", tty=True),  # flush the line, then EOF
+                         ([b"hi\x04\x04"], b"out", "eof"))
+
+    def test_pipe_eof_is_half_close(self):
+        self.assertEqual(self.pump_with_input(b"hi\n", tty=False),
+                         ([b"hi\n", "half-closed"], b"out", "eof"))
+
+    def test_cannot_run_statuses(self):
+        docker = (b"OCI runtime exec failed: exec failed: unable to start container process: "
+                  b"exec: \"%s\": %s: unknown\r\n")
+        cases = [
+            (126, docker % (b"x", b"executable file not found in $PATH"), 127),
+            (126, docker % (b"/x", b"stat /x: no such file or directory"), 127),
+            (126, docker % (b"/etc", b"permission denied"), 126),
+            (126, b"cat: can't open '/x': No such file or directory\n", 126),
+            (127, b"sh: permission denied\n", 127),
+            (1, docker % (b"x", b"executable file not found in $PATH"), 1),
+            (0, b"", 0),
+        ]
+        for code, output, status in cases:
+            with self.subTest(output=output):
+                self.assertEqual(convox.exit_status(code, output), status)
+
+
+# ==========================================================================================
+# The real engine: exec without a TTY, the Docker CLI as oracle
+# ==========================================================================================
+
+class ExecFixtures:
+    """Mixed into the exec tests' engine test cases."""
+
+    def process(self, app, service, *args, **options):
+        """A fixture container without networking: exec needs none, and it starts faster."""
+        return self.container(app, service, *args, network="none", **options)
+
+
+class ExecPipeTest(ExecFixtures, EngineTestCase):
+    """``convox exec`` over pipes, side by side with ``docker exec -i`` doing the same."""
+
+    def target(self, suffix, **options):
+        """(app, container ID) of a fresh running process of service web."""
+        app = app_name(suffix)
+        return app, self.process(app, "web", **options)
+
+    def both(self, app, ident, command, input=b"", options=(), timeout=60):
+        """The same command through convox and through docker exec -i -> (convox, docker).
+
+        ``input`` is always given: an inherited stdin (the runner's terminal) would be
+        forwarded to the process.
+        """
+        mine = self.convox("-a", app, "exec", *options, ident, *command, input=input,
+                           timeout=timeout)
+        theirs = self.docker("exec", "-i", *options, ident, *command, input=input,
+                             timeout=timeout)
+        return mine, theirs
+
+    def test_stdout_and_stderr_stay_apart(self):
+        app, ident = self.target("xsep")
+        script = ("printf 'o1\\n'; printf 'e1\\n' >&2; printf '\\000\\001\\377o2'; "
+                  "printf 'e2\\000' >&2; printf '\\r\\n'")
+        mine, theirs = self.both(app, ident, ["sh", "-c", script])
+        self.assertEqual((mine.returncode, mine.stdout, mine.stderr),
+                         (0, b"o1\n\0\1\xffo2\r\n", b"e1\ne2\0"))
+        self.assertEqual((theirs.returncode, theirs.stdout, theirs.stderr),
+                         (mine.returncode, mine.stdout, mine.stderr))
+
+    def test_exit_statuses(self):
+        app, ident = self.target("xstatus")
+        for code in (0, 1, 7, 126, 127, 255):
+            with self.subTest(code=code):
+                mine, theirs = self.both(app, ident, ["sh", "-c", "exit %d" % code])
+                self.assertEqual((mine.returncode, theirs.returncode), (code, code))
+                self.assertEqual(mine.stderr, b"")
+        # A process's own 126/127 stays its own, even when its output reads like an
+        # engine's "cannot run" message.
+        for script, code in (("cat /nowhere; exit 126", 126),
+                             ("echo permission denied >&2; exit 127", 127),
+                             ("echo executable file not found; exit 126", 126)):
+            with self.subTest(script=script):
+                mine, theirs = self.both(app, ident, ["sh", "-c", script])
+                self.assertEqual((mine.returncode, theirs.returncode), (code, code))
+                self.assertEqual((mine.stdout, mine.stderr), (theirs.stdout, theirs.stderr))
+
+    def test_cannot_run(self):
+        app, ident = self.target("xnoexec")
+        made = self.convox("-a", app, "exec", ident,
+                           "printf '#!/bin/sh\\necho ran\\n' >/script && chmod 644 /script",
+                           input=b"")
+        self.assertEqual(made.returncode, 0, made.stderr)
+        # SPEC §6: 127 not found, 126 not executable.  docker exec says 126 for both (its
+        # message tells them apart); what it said is kept in the failure message.
+        for command, code in ((["nosuchcommand"], 127), (["/nowhere/cmd", "x"], 127),
+                              (["/script"], 126), (["/bin"], 126)):
+            with self.subTest(command=command):
+                mine, theirs = self.both(app, ident, command)
+                self.assertEqual(mine.returncode, code, (mine, "docker: %r" % (theirs,)))
+                self.assertNotEqual(theirs.returncode, 0)
+                self.assertEqual(mine.stdout + mine.stderr, theirs.stdout + theirs.stderr)
+                self.assertNotIn(b"Traceback", mine.stderr)
+
+    def test_binary_both_directions(self):
+        app, ident = self.target("xbinary")
+        data = os.urandom(16 * 1024 * 1024)
+        digest = hashlib.sha256(data).hexdigest()
+        # Up and back through cat.
+        mine, theirs = self.both(app, ident, ["cat"], input=data)
+        self.assertEqual(mine.returncode, 0, mine.stderr)
+        self.assertEqual(hashlib.sha256(mine.stdout).hexdigest(), digest)
+        self.assertEqual(hashlib.sha256(theirs.stdout).hexdigest(), digest)
+        # Up: the file the process wrote has the same digest inside the container.
+        up = self.convox("-a", app, "exec", ident, "sh", "-c", "cat >/blob && sha256sum /blob",
+                         input=data)
+        self.assertEqual((up.returncode, up.stdout.split()[:1]), (0, [digest.encode()]))
+        # Down: read back from the file, by us and by docker.
+        mine, theirs = self.both(app, ident, ["cat", "/blob"])
+        self.assertEqual(hashlib.sha256(mine.stdout).hexdigest(), digest)
+        self.assertEqual(mine.stdout, theirs.stdout)
+        # A reader that stalls for a while loses nothing: the engine is slowed, not dropped.
+        slow = subprocess.Popen([sys.executable, CONVOX, "-a", app, "exec", ident, "cat",
+                                 "/blob"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                env=HARNESS.env())
+        try:
+            time.sleep(1)
+            received = hashlib.sha256()
+            for _ in range(len(data) // 65536 + 2):
+                piece = slow.stdout.read(65536)
+                if not piece:
+                    break
+                received.update(piece)
+                time.sleep(0.0005)
+            self.assertEqual((slow.wait(30), received.hexdigest()), (0, digest))
+        finally:
+            if slow.poll() is None:
+                slow.kill()
+                slow.wait()
+            slow.stdout.close()
+
+    def test_stdin_eof_reaches_the_process(self):
+        app, ident = self.target("xeof")
+        shell = subprocess.run(
+            ["sh", "-c", 'echo hi | "$0" "$1" -a "$2" exec "$3" cat',
+             sys.executable, CONVOX, app, ident],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30, env=HARNESS.env())
+        self.assertEqual((shell.returncode, shell.stdout, shell.stderr), (0, b"hi\n", b""))
+        mine, theirs = self.both(app, ident, ["wc", "-c"], input=b"abc")
+        self.assertEqual((mine.returncode, mine.stdout.strip()), (0, b"3"))
+        self.assertEqual(mine.stdout, theirs.stdout)
+        # No stdin at all (closed fd 0): the process sees EOF at once.
+        closed = subprocess.run([sys.executable, CONVOX, "-a", app, "exec", ident, "cat"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=30, env=HARNESS.env())
+        self.assertEqual((closed.returncode, closed.stdout), (0, b""))
+
+    def test_forced_tty_over_pipes(self):
+        app, ident = self.target("xforced")
+        script = "tty >/dev/null && echo x; sleep 0.5; echo y; exit 3"
+        mine = self.convox("-a", app, "exec", "--tty", ident, "sh", "-c", script, input=b"")
+        theirs = self.docker("exec", "-t", ident, "sh", "-c", script, input=b"")
+        self.assertEqual((mine.returncode, mine.stdout, mine.stderr), (3, b"x\r\ny\r\n", b""))
+        self.assertEqual((theirs.returncode, theirs.stdout), (mine.returncode, mine.stdout))
+        # Input that ends: the terminal's EOF (^D) reaches the process, the echo stays.
+        for data, out in ((b"hi\n", b"hi\r\nhi\r\n"), (b"hi", b"hihi")):
+            with self.subTest(data=data):
+                result = self.convox("-a", app, "exec", "--tty", ident, "cat", input=data,
+                                     timeout=30)
+                self.assertEqual((result.returncode, result.stdout), (0, out))
+
+    def test_fast_exit_keeps_every_byte(self):
+        app, ident = self.target("xfast")
+        command = ["sh", "-c", "head -c 1000000 /dev/urandom; head -c 999 /dev/zero >&2"]
+        failures = []
+
+        def one(run):
+            result = self.convox("-a", app, "exec", ident, *command, input=b"", timeout=30)
+            got = (result.returncode, len(result.stdout), len(result.stderr))
+            if got != (0, 1000000, 999):
+                failures.append((run, got, result.stderr[-300:]))
+
+        runs = list(range(20))
+        while runs:  # four at a time: quicker, and the engine is busier
+            threads = [threading.Thread(target=one, args=(run,)) for run in runs[:4]]
+            del runs[:4]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        self.assertEqual(failures, [])
+
+    def test_interleaved_lines(self):
+        app, ident = self.target("xlines")
+        # 200,000 lines, odd ones to stdout and even ones to stderr, flushed in small bursts.
+        script = ('seq 1 200000 | awk \'{ if ($1 % 2) print "out " $1; '
+                  'else print "err " $1 > "/dev/stderr"; if ($1 % 500 == 0) fflush() }\'')
+        mine, theirs = self.both(app, ident, ["sh", "-c", script])
+        want_out = b"".join(b"out %d\n" % n for n in range(1, 200001, 2))
+        want_err = b"".join(b"err %d\n" % n for n in range(2, 200001, 2))
+        self.assertEqual(mine.returncode, 0, mine.stderr[-300:])
+        self.assertTrue(mine.stdout == want_out, "stdout: %d bytes, %r..." % (
+            len(mine.stdout), mine.stdout[-60:]))
+        self.assertTrue(mine.stderr == want_err, "stderr: %d bytes, %r..." % (
+            len(mine.stderr), mine.stderr[-60:]))
+        self.assertTrue(theirs.stdout == want_out and theirs.stderr == want_err)
+
+    def test_closed_pipe_ends_quietly(self):
+        app, ident = self.target("xhead")
+        for command in (["yes"], ["cat", "/dev/zero"]):
+            with self.subTest(command=command):
+                producer = subprocess.Popen(
+                    [sys.executable, CONVOX, "-a", app, "exec", ident] + command,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env=HARNESS.env())
+                head = subprocess.Popen(["head", "-c", "10"], stdin=producer.stdout,
+                                        stdout=subprocess.PIPE)
+                producer.stdout.close()
+                try:
+                    out, _ = head.communicate(timeout=20)
+                    err = producer.stderr.read()
+                    status = producer.wait(timeout=20)
+                finally:
+                    for proc in (producer, head):
+                        if proc.poll() is None:
+                            proc.kill()
+                            proc.wait()
+                    producer.stderr.close()
+                self.assertEqual(len(out), 10)
+                self.assertEqual(err, b"")
+                self.assertIn(status, (141, -signal.SIGPIPE))
+
+    def test_targets(self):
+        app = app_name("xtarget")
+        self.process(app, "web", env=["WHO=web"])
+        worker = self.process(app, "worker", env=["WHO=worker"])
+        named = app_name("xtarget-named")
+        self.process(app, "cron", env=["WHO=named"], name=named)
+        for target, who in (("web", b"web\n"), (worker[:12], b"worker\n"),
+                            (worker, b"worker\n"), (named, b"named\n")):
+            with self.subTest(target=target):
+                result = self.convox("-a", app, "exec", target, "sh", "-c", "echo $WHO",
+                                     input=b"")
+                self.assertEqual((result.returncode, result.stdout, result.stderr),
+                                 (0, who, b""))
+        # One word with whitespace runs in sh -c; several words are argv, never re-joined.
+        result = self.convox("-a", app, "exec", "web", "echo $WHO && echo two", input=b"")
+        self.assertEqual(result.stdout, b"web\ntwo\n")
+        result = self.convox("-a", app, "exec", "web", "printf", "[%s]", "a b", "$WHO",
+                             input=b"")
+        self.assertEqual(result.stdout, b"[a b][$WHO]")
+        # Options after TARGET, and the command's own options left alone.
+        result = self.convox("-a", app, "exec", "web", "-e", "X=1", "sh", "-c", "echo $X",
+                             input=b"")
+        self.assertEqual(result.stdout, b"1\n")
+
+    def test_bad_input(self):
+        app, ident = self.target("xbad")
+        stopped = self.process(app, "cron", ("true",))
+        for _ in deadline_loop(20):
+            if not self.engine.inspect(stopped)["State"]["Running"]:
+                break
+        created = self.process(app, "idle", start=False)
+        cases = [
+            (["nosuchcontainer", "ls"], 125, "no such process or service"),
+            ([stopped[:12], "ls"], 125, "not running"),
+            ([created, "ls"], 125, "not running"),
+            (["nosuchservice", "ls"], 125, "nosuchservice"),
+            ([ident], 2, "needs a process and a command"),
+            ([ident, "--"], 2, "needs a process and a command"),
+            (["--bogus", ident, "ls"], 2, "--bogus"),
+            (["--detach-keys", "meta-x", ident, "ls"], 2, "invalid detach keys"),
+        ]
+        for words, status, text in cases:
+            with self.subTest(words=words):
+                result = self.convox("-a", app, "exec", *words, input=b"", timeout=30)
+                self.assertEqual(result.returncode, status, result.stderr)
+                self.assertOneErrorLine(result)
+                self.assertIn(text, result.stderr.decode())
+                self.assertEqual(result.stdout, b"")
+
+    def test_env_workdir_user(self):
+        app, ident = self.target("xopts", env=["B=from-image"])
+        script = 'echo "$A|$B|$C|$(pwd)|$(id -u):$(id -g)"'
+        options = ["--env", "A=1", "-e", "C=x y", "-w", "/bin", "-u", "1234:5678"]
+        mine, theirs = self.both(app, ident, ["sh", "-c", script], options=options)
+        self.assertEqual((mine.returncode, mine.stdout),
+                         (0, b"1|from-image|x y|/bin|1234:5678\n"))
+        self.assertEqual(mine.stdout, theirs.stdout)
+        mine, theirs = self.both(app, ident, ["sh", "-c", script],
+                                 options=["--env", "B=override", "--user", "7"])
+        self.assertEqual(mine.stdout, b"|override||/|7:0\n")
+        self.assertEqual(mine.stdout, theirs.stdout)
+
+
+# ==========================================================================================
+# Real terminals: exec with a TTY
+# ==========================================================================================
+
+class ExecTerminalTest(ExecFixtures, TerminalTestCase):
+    """``convox exec`` at a terminal (a pty of 100x30), as a person would use it."""
+
+    PROMPT = r"/ # "
+
+    def shell(self, suffix, *options):
+        app = app_name(suffix)
+        ident = self.process(app, "web")
+        session = self.pty("-a", app, "exec", *options, ident, "sh")
+        session.expect(self.PROMPT)
+        return ident, session
+
+    def assertRestored(self, session):
+        self.assertEqual(session.attrs(), session.initial_attrs)
+
+    def wait_for_process(self, ident, cmd, within=10):
+        """Wait until the container runs a process with this command line (engine's top)."""
+        for _ in deadline_loop(within, 0.05):
+            top = self.engine.request("GET", "/containers/%s/top" % ident)
+            if any(row[-1] == cmd for row in top["Processes"]):
+                return
+        self.fail("%r never ran in %s" % (cmd, ident))
+
+    def running_execs(self, ident, argv0):
+        found = []
+        for exec_id in self.engine.inspect(ident).get("ExecIDs") or []:
+            info = self.engine.exec_inspect(exec_id)
+            if info.get("Running") and info["ProcessConfig"]["entrypoint"] == argv0:
+                found.append(exec_id)
+        return found
+
+    def test_prompt_size_interrupt_and_status(self):
+        ident, session = self.shell("tsize")
+        session.send("stty size\r")
+        session.expect(r"\r\n30 100\r\n")
+        session.set_size(40, 120)
+        for _ in deadline_loop(10, 0.2):  # SIGWINCH and the resize call race the next line
+            session.send("stty size\r")
+            try:
+                session.expect(r"\r\n(\d+ \d+)\r\n", timeout=2)
+            except AssertionError:
+                continue
+            if session.output.endswith(b"40 120\r\n") or b"\r\n40 120\r\n" in session.output:
+                break
+        self.assertIn(b"\r\n40 120\r\n", session.output)
+        # Keys typed while the shell still starts the command go to the shell: wait until
+        # sleep runs (in the foreground of the far terminal) before typing ^C.
+        session.send("sleep 100\r")
+        self.wait_for_process(ident, "sleep 100")
+        started = time.monotonic()
+        session.send("\x03")
+        session.expect(self.PROMPT, timeout=5)
+        self.assertLess(time.monotonic() - started, 5)
+        session.send("exit 3\r")
+        self.assertEqual(session.wait(20), 3)
+        self.assertRestored(session)
+
+    def test_interrupt_and_engine_errors(self):
+        app = app_name("tint")
+        ident = self.process(app, "web")
+        session = self.pty("-a", app, "exec", ident, "sh", "-c", "echo go; sleep 100")
+        session.expect(r"go\r\n")
+        session.send("\x03")  # the remote terminal makes it SIGINT, as docker exec -it does
+        self.assertEqual(session.wait(10), 130)
+        self.assertRestored(session)
+        for command, status in ((["nosuchcommand"], 127), (["/bin"], 126)):
+            session = self.pty("-a", app, "exec", ident, *command)
+            self.assertEqual(session.wait(20), status, session.output)
+            self.assertRestored(session)
+            self.assertIn(b"OCI runtime exec failed", session.output)
+        # --no-tty at a terminal: pipes on the far side, our terminal left as it is.
+        session = self.pty("-a", app, "exec", "--no-tty", ident, "sh", "-c",
+                           "test -t 0 && echo tty || echo no-tty")
+        self.assertEqual(session.wait(20), 0)
+        self.assertIn(b"no-tty", session.output)
+        self.assertRestored(session)
+
+    def test_ctrl_d_is_a_byte(self):
+        ident, session = self.shell("tctrld")
+        session.send("echo go; cat >/typed\r")
+        session.expect(r"\r\ngo\r\n")
+        session.send("abc\r\x04")
+        session.expect(self.PROMPT)
+        session.send("\x04")
+        self.assertEqual(session.wait(20), 0)
+        self.assertRestored(session)
+        result = self.convox("exec", ident, "cat", "/typed", input=b"")
+        self.assertEqual(result.stdout, b"abc\n")
+
+    def test_container_killed_mid_session(self):
+        ident, session = self.shell("tkill")
+        session.send("stty size\r")
+        session.expect(r"30 100")
+        self.engine.kill(ident)
+        status = session.wait(20)
+        self.assertNotEqual(status, 0)
+        self.assertRestored(session)
+        self.assertNotIn(b"Traceback", session.output)
+
+    def test_signals_to_the_client(self):
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            with self.subTest(signal=signum):
+                ident, session = self.shell("tsig%d" % signum)
+                session.proc.send_signal(signum)
+                status = session.wait(20)
+                self.assertNotEqual(status, 0)
+                self.assertRestored(session)
+                self.assertNotIn(b"Traceback", session.output)
+
+    def test_detach_leaves_it_running(self):
+        ident, session = self.shell("tdetach")
+        session.send("sleep 4242\r")
+        self.wait_for_process(ident, "sleep 4242")
+        session.send("\x10\x11")
+        self.assertEqual(session.wait(20), 0)
+        self.assertRestored(session)
+        self.assertEqual(len(self.running_execs(ident, "sh")), 1)
+        time.sleep(0.5)  # still there a moment later: closing our end did not hang it up
+        self.wait_for_process(ident, "sleep 4242", within=0.5)
+        self.assertEqual(len(self.running_execs(ident, "sh")), 1)
+
+    def test_custom_detach_keys(self):
+        app = app_name("tkeys")
+        ident = self.process(app, "web")
+        # With ctrl-x,x the default keys are just bytes to the process.
+        session = self.pty("-a", app, "exec", "--detach-keys", "ctrl-x,x", ident, "sh", "-c",
+                           "stty raw -echo; echo ready; head -c 4 | od -An -tx1; stty sane")
+        session.expect(r"ready")  # the remote stty first: in cooked mode ctrl-q is XON
+        session.send("\x10\x11\x18y")  # ctrl-x without its x is sent after all
+        session.expect(r"10 11 18 79")
+        self.assertEqual(session.wait(20), 0)
+        self.assertRestored(session)
+        # And ctrl-x, x detaches, leaving the process running.  (A shell idle at its prompt
+        # may read EOF when the stream closes: the engine's race, docker exec -it's too.)
+        session = self.pty("-a", app, "exec", "--detach-keys", "ctrl-x,x", ident, "sh")
+        session.expect(self.PROMPT)
+        session.send("sleep 4343\r")
+        self.wait_for_process(ident, "sleep 4343")
+        session.send("\x18x")
+        self.assertEqual(session.wait(20), 0)
+        self.assertRestored(session)
+        self.assertEqual(len(self.running_execs(ident, "sh")), 1)
+        self.wait_for_process(ident, "sleep 4343", within=0.5)
+
+    def test_bad_target_leaves_terminal_alone(self):
+        app = app_name("tbad")
+        self.process(app, "web")
+        session = self.pty("-a", app, "exec", "nosuchprocess", "sh")
+        self.assertEqual(session.wait(20), 125)
+        self.assertRestored(session)
+        text = session.output.decode("utf-8", "replace")
+        self.assertEqual([l for l in text.splitlines() if l.strip()][-1:],
+                         [l for l in text.splitlines() if l.startswith("ERROR: ")])
+        self.assertNotIn("Traceback", text)
+
+
 if __name__ == "__main__":
     unittest.main()
