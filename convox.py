@@ -223,6 +223,8 @@ def parse_rack(url, environ=None):
     environ = os.environ if environ is None else environ
     malformed = UsageError(
         "malformed rack URL %r — use unix:///path/to/docker.sock or tcp://host:port" % url)
+    if "\0" in url:
+        raise malformed  # no path or host has one; the socket calls would raise ValueError
     if url.startswith("/"):
         return Rack("unix", url, url)
     scheme, sep, rest = url.partition("://")
@@ -240,7 +242,10 @@ def parse_rack(url, environ=None):
         tls = scheme == "https" or environ.get("DOCKER_TLS_VERIFY", "") not in ("", "0")
         if not _:
             host, port = port, "2376" if tls else "2375"
-        if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        # ASCII digits only ("²".isdigit() is true, int("²") fails); a host without
+        # spaces, controls or stray brackets (http.client refuses those as it connects).
+        if not re.match(r"[^\s/\[\]\x00-\x1f\x7f]+\Z", host) or \
+                not re.match(r"[0-9]{1,5}\Z", port) or not 0 < int(port) < 65536:
             raise malformed
         return Rack("tls" if tls else "tcp", (host, int(port)), url,
                     cert_path=environ.get("DOCKER_CERT_PATH"))
@@ -379,7 +384,8 @@ class Engine:
         conn = self.rack.connection(timeout)
         try:
             conn.connect()
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, UnicodeError) as exc:
+            # UnicodeError: a host name that IDNA cannot encode (a label over 63 characters).
             conn.close()
             raise unreachable(self.rack, exc)
         self.connections += 1
@@ -402,7 +408,8 @@ class Engine:
         from urllib.parse import quote, urlencode
         # Paths carry words from the command line (IDs, names): quoted, a space, '?', '#' or
         # a non-ASCII word is a name the engine doesn't know, not a broken request.
-        url = "/v%s%s" % (self.api_version(), quote(path, safe="/:@"))
+        url = "/v%s%s" % (self.api_version(),
+                          quote(path, safe="/:@", errors="surrogateescape"))
         if query:
             pairs = [(k, v) for k, v in query.items() if v is not None]
             pairs = [(k, json.dumps(v) if isinstance(v, dict) else
@@ -1294,23 +1301,26 @@ def one_off_config(template, command, *, app, service, image=None, release=None,
     return body, networks[1:]
 
 
-def find_target(engine, apps, app, target):
-    """exec's TARGET: a running process of service TARGET of the app, else a container by
-    ID, ID prefix or name."""
-    running = apps.summaries_of(app, target, running_only=True)
-    if running:
-        return newest(running)["Id"]
+def find_target(engine, app, target):
+    """exec's TARGET: a container by ID, ID prefix or name, else a running process of the
+    app's service TARGET.  The container is looked up first: an ID then costs no list."""
     try:
         info = engine.inspect(target)
     except NotFound:
+        info = None
+    if info is not None and (info.get("State") or {}).get("Running"):
+        return info["Id"]
+    apps = Apps(engine)
+    running = apps.summaries_of(app, target, running_only=True)
+    if running:
+        return newest(running)["Id"]
+    if info is None:
         services = apps.services(app)
         raise ConvoxError("no such process or service: %s (app %s)%s — see convox ps" %
                           (target, app, "; services: " + ", ".join(services)
                            if services else ""))
-    if not (info.get("State") or {}).get("Running"):
-        raise ConvoxError("process %s is not running (%s) — see convox ps --all" %
-                          (target, status_text(info.get("State") or {})))
-    return info["Id"]
+    raise ConvoxError("process %s is not running (%s) — see convox ps --all" %
+                      (target, status_text(info.get("State") or {})))
 
 
 # -- humanised times (go-humanize's RelTime, as Convox prints them) -------------------------
@@ -3403,7 +3413,7 @@ def cmd_exec(ctx):
     detach_keys = parse_detach_keys(keys_text)
     engine = ctx.engine
     app, _ = ctx.app()
-    container = find_target(engine, Apps(engine), app, args.target)
+    container = find_target(engine, app, args.target)
     stdio = ctx.stdio
     tty = stdio.wants_tty(args.tty)
     config = {
