@@ -1106,6 +1106,9 @@ class Process:
         started = state.get("StartedAt") or ""
         self.started = None if started.startswith("0001-") else started or None
         self.command = [info.get("Path") or ""] + list(info.get("Args") or [])
+        if self.command[:2] == ["/run/podman-init", "--"]:
+            # Podman shows its init (HostConfig.Init) as the command; Docker hides its own.
+            self.command = self.command[2:]
         if self.command == [""]:
             self.command = []
         self.image = config.get("Image") or info.get("Image") or ""
@@ -3392,6 +3395,10 @@ def exit_status(code, first_output=b""):
             return STATUS_NOT_FOUND
         if b"permission denied" in text:
             return STATUS_NOT_EXECUTABLE
+    # Podman's init (catatonit, for HostConfig.Init) that cannot run the command says so
+    # and exits 1, where Docker's (tini) exits 127 or 126 itself.
+    if code == 1 and b"(catatonit:" in text and b"failed to exec pid1" in text:
+        return STATUS_NOT_EXECUTABLE if b"permission denied" in text else STATUS_NOT_FOUND
     return code
 
 
@@ -3561,6 +3568,8 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
         forwarded = []
 
         def forward(signum):
+            if not forwarded:
+                _await_init(engine, container)
             forwarded.append(signum)
             name_ = "KILL" if forwarded.count(signum) > 1 else signal.Signals(signum).name
             _quietly(engine.kill, container, name_)
@@ -3583,6 +3592,25 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
             raise StreamError("the stream ended but the engine reported no exit status — "
                               "see convox ps --all")
         return exit_status(code, stream.first_output)
+
+
+def _await_init(engine, container, patience=2.0):
+    """Wait briefly until the one-off's init has started the command, before a signal.
+
+    The engine's start returns before the init has set up its signals, and until it has,
+    the kernel drops any signal sent to it (a PID namespace's init gets only the signals
+    it handles or blocks, pid_namespaces(7)): a Ctrl-C right after start would be lost.
+    Once the init has a child (GET /containers/ID/top), it passes on what it is sent.
+    """
+    give_up = time.monotonic() + patience
+    while True:
+        try:
+            top = engine.request("GET", "/containers/%s/top" % container) or {}
+        except ConvoxError:
+            return  # it has ended, or this engine has no top: send the signal anyway
+        if len(top.get("Processes") or []) > 1 or time.monotonic() > give_up:
+            return
+        time.sleep(0.02)
 
 
 def _wait_status(response):

@@ -36,6 +36,8 @@ import fcntl
 import threading
 import time
 import unittest
+import concurrent.futures
+import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONVOX = os.path.join(HERE, "convox.py")
@@ -2091,7 +2093,7 @@ class PsTest(EngineTestCase):
         self.assertOneErrorLine(result)
         message = result.stderr.decode()
         self.assertIn('no processes for app "%s" (from the current directory); apps here: '
-                      % os.path.basename(folder).lower(), message)
+                      % convox.normalize_app_name(os.path.basename(folder)), message)
         self.assertIn(app, message)
         self.assertTrue(message.rstrip().endswith("— use -a APP"))
 
@@ -2814,6 +2816,422 @@ class ExecTerminalTest(ExecFixtures, TerminalTestCase):
         self.assertEqual([l for l in text.splitlines() if l.strip()][-1:],
                          [l for l in text.splitlines() if l.startswith("ERROR: ")])
         self.assertNotIn("Traceback", text)
+
+
+# ==========================================================================================
+# The real engine: run
+# ==========================================================================================
+
+# ==========================================================================================
+# The real engine: run
+# ==========================================================================================
+
+def convox_processes(app):
+    """PIDs of convox.py processes (clients or their watchdogs) whose command names ``app``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                words = handle.read().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if app.encode() in words and any(w.endswith(b"convox.py") for w in words):
+            found.append(int(entry))
+    return found
+
+
+def executable_file(folder, name, text):
+    path = os.path.join(folder, name)
+    with open(path, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
+class RunTestCase(EngineTestCase):
+    """Helpers for the tests of convox run."""
+
+    def running_one_off(self, app, within=20):
+        """The summary of the app's running one-off, once there is one."""
+        for _ in deadline_loop(within, 0.1):
+            running = [s for s in self.processes_of(app, "process")
+                       if s.get("State") == "running"]
+            if running:
+                return running[0]
+        self.fail("no one-off of %s started within %ss" % (app, within))
+
+    def client(self, *args):
+        """convox.py in the background, as a user's shell would start it."""
+        proc = subprocess.Popen([sys.executable, CONVOX] + list(args),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=HARNESS.env(), cwd=HERE)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        return proc
+
+    def detached(self, *args):
+        """convox run --detach ...; -> the one-off's inspect (removed at the end)."""
+        result = self.convox(*args)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        match = re.match(br"^Running detached process\.\.\. OK, ([0-9a-f]{12})\n\Z",
+                         result.stdout)
+        self.assertTrue(match, result.stdout)
+        info = self.engine.inspect(match.group(1).decode())
+        self.addCleanup(self.engine.remove, info["Id"])
+        return info
+
+    def assertNoWatchdog(self, app, within=10):
+        for _ in deadline_loop(within, 0.1):
+            if not convox_processes(app):
+                return
+        self.fail("convox processes of %s linger: %r" % (app, convox_processes(app)))
+
+
+class RunTest(RunTestCase):
+    def test_env_image_and_working_dir(self):
+        app = app_name("runenv")
+        web = self.container(app, "web", env=["GREETING=hello there", "A=1"],
+                             workdir="/srv/app", release="RENV")
+        result = self.convox("-a", app, "run", "web", "env")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        env = result.stdout.decode().splitlines()
+        self.assertIn("GREETING=hello there", env)
+        self.assertIn("A=1", env)
+        result = self.convox("-a", app, "run", "--env", "A=2", "web", "pwd")
+        self.assertEqual((result.returncode, result.stdout), (0, b"/srv/app\n"), result.stderr)
+        info = self.detached("-a", app, "run", "--detach", "-e", "A=2", "web", "sleep", "30")
+        self.assertEqual(info["Image"], self.engine.inspect(web)["Image"])
+        self.assertEqual(info["Config"]["WorkingDir"], "/srv/app")
+        self.assertIn("A=2", info["Config"]["Env"])
+        self.assertEqual(info["Name"].lstrip("/")[:len(app) + 9], app + "-web-run-")
+
+    def test_exit_statuses(self):
+        app = app_name("runexit")
+        self.container(app, "web")
+        for command, status in ((["true"], 0), (["sh", "-c", "exit 3"], 3),
+                                (["no-such-command"], 127), (["/dev/null"], 126),
+                                (["exit 5"], 5), (["sh", "-c", "kill -9 $$"], 137)):
+            with self.subTest(command=command):
+                result = self.convox("-a", app, "run", "web", *command)
+                self.assertEqual(result.returncode, status, result.stderr)
+        self.assertNoneLeft(app)
+        self.assertNoWatchdog(app)
+
+    def test_signals_to_the_client_end_the_process(self):
+        app = app_name("runsig")
+        self.container(app, "web")
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            with self.subTest(signal=signum):
+                proc = self.client("-a", app, "run", "web", "sleep", "600")
+                self.running_one_off(app)
+                started = time.monotonic()
+                proc.send_signal(signum)
+                status = proc.wait(20)
+                # The signal reaches the command (through the one-off's init), which dies
+                # of it: the shell's 128 + N.
+                self.assertEqual(status, 128 + signum, proc.stderr.read())
+                self.assertLess(time.monotonic() - started, 10)
+                self.assertNoneLeft(app)
+        self.assertNoWatchdog(app)
+
+    def test_interrupt_at_any_moment(self):
+        # Ctrl-C while the one-off is being looked up, created, attached or started: the
+        # client ends and nothing is left behind.
+        app = app_name("runint")
+        self.container(app, "web")
+        for delay in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):
+            with self.subTest(delay=delay):
+                proc = self.client("-a", app, "run", "web", "sleep", "600")
+                time.sleep(delay)
+                proc.send_signal(signal.SIGINT)
+                try:
+                    status = proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    self.fail("SIGINT after %ss did not end the client" % delay)
+                # 130 from convox; before convox.py is even imported, Python's own
+                # KeyboardInterrupt (status 1 on 3.6, -SIGINT since 3.8).
+                self.assertIn(status, (130, 1, -signal.SIGINT), proc.stderr.read())
+        self.assertNoneLeft(app)
+        self.assertNoWatchdog(app)
+
+    def test_early_output_is_complete(self):
+        app = app_name("runearly")
+        self.container(app, "web")
+        want = "".join("%d\n" % n for n in range(1, 5001)).encode()
+
+        def once(_):
+            return self.convox("-a", app, "run", "web", "seq", "1", "5000")
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(once, range(20)))
+        for result in results:
+            self.assertEqual((result.returncode, result.stdout, result.stderr),
+                             (0, want, b""))
+        result = self.convox("-a", app, "run", "web", "echo out; echo err >&2")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, b"out\n", b"err\n"))
+        self.assertNoneLeft(app)
+
+    def test_stdin_is_piped_through(self):
+        app = app_name("runstdin")
+        self.container(app, "web")
+        result = self.convox("-a", app, "run", "web", "cat", input=b"x")
+        self.assertEqual((result.returncode, result.stdout), (0, b"x"), result.stderr)
+        data = os.urandom(4 * 1024 * 1024)
+        result = self.convox("-a", app, "run", "web", "sha256sum", input=data)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.split()[0].decode(), hashlib.sha256(data).hexdigest())
+        result = self.convox("-a", app, "run", "web", "cat", input=data)
+        self.assertEqual((result.returncode, len(result.stdout)), (0, len(data)))
+        self.assertTrue(result.stdout == data)
+        self.assertNoneLeft(app)
+
+    def test_detached(self):
+        app = app_name("rundetach")
+        self.container(app, "web", release="RDET")
+        started = time.monotonic()
+        info = self.detached("-a", app, "run", "--detach", "web", "sh", "-c",
+                             "echo out; sleep 1; exit 4")
+        self.assertLess(time.monotonic() - started, 10)
+        labels = info["Config"]["Labels"]
+        self.assertEqual({k: labels.get(k) for k in (convox.LABEL_APP, convox.LABEL_SERVICE,
+                                                     convox.LABEL_RELEASE, convox.LABEL_TYPE)},
+                         {convox.LABEL_APP: app, convox.LABEL_SERVICE: "web",
+                          convox.LABEL_RELEASE: "RDET", convox.LABEL_TYPE: "process"})
+        self.assertNoWatchdog(app)  # no timeout for a detached process
+        for _ in deadline_loop(20, 0.1):
+            state = self.engine.inspect(info["Id"])["State"]
+            if state["Status"] == "exited":
+                break
+        self.assertEqual((state["Status"], state["ExitCode"]), ("exited", 4))
+        result = self.convox("-a", app, "ps", "--all")
+        rows = [re.split(r"\s{2,}", line) for line in result.stdout.decode().splitlines()]
+        mine = [row for row in rows if row[0] == info["Id"][:12]]
+        self.assertEqual(mine and mine[0][1:4], ["web", "exited (4)", "RDET"], rows)
+        self.assertEqual(self.docker("logs", info["Id"]).stdout, b"out\n")
+
+    def test_options_after_service_and_double_dash(self):
+        app = app_name("runopts")
+        self.container(app, "web")
+        info = self.detached("-a", app, "run", "web", "--detach", "sleep", "5")
+        self.assertEqual(info["Config"]["Cmd"], ["sleep", "5"])
+        self.assertTrue(info["State"]["Running"])
+        result = self.convox("-a", app, "run", "web", "-e", "X=1", "--timeout", "30", "sh",
+                             "-c", "echo $X")
+        self.assertEqual((result.returncode, result.stdout), (0, b"1\n"), result.stderr)
+        result = self.convox("-a", app, "run", "web", "--", "echo", "--detach")
+        self.assertEqual((result.returncode, result.stdout), (0, b"--detach\n"), result.stderr)
+        result = self.convox("-a", app, "run", "--no-tty", "--", "web", "echo", "-t", "1")
+        self.assertEqual((result.returncode, result.stdout), (0, b"-t 1\n"), result.stderr)
+        result = self.convox("-a", app, "run", "web", "echo", "--timeout", "x")
+        self.assertEqual((result.returncode, result.stdout), (0, b"--timeout x\n"))
+        for _ in deadline_loop(10, 0.1):  # only the detached one stays
+            if len(self.processes_of(app, "process")) == 1:
+                break
+        self.assertEqual([s["Id"] for s in self.processes_of(app, "process")], [info["Id"]])
+
+    def test_unknown_service(self):
+        app = app_name("rununknown")
+        self.container(app, "web")
+        self.container(app, "worker")
+        result = self.convox("-a", app, "run", "nope", "true")
+        self.assertEqual(result.returncode, 125)
+        self.assertOneErrorLine(result)
+        self.assertEqual(result.stderr.decode(), "ERROR: no such service: nope (app %s); "
+                                                 "services: web, worker\n" % app)
+        self.assertNoneLeft(app)
+
+    def test_compose_service(self):
+        app = app_name("runcompose")
+        self.container(app, "web", compose=True, env=["FROM_COMPOSE=yes"])
+        result = self.convox("-a", app, "run", "web", "sh", "-c", "echo $FROM_COMPOSE")
+        self.assertEqual((result.returncode, result.stdout), (0, b"yes\n"), result.stderr)
+        info = self.detached("-a", app, "run", "--detach", "web", "sleep", "30")
+        self.assertEqual(convox.identity(info["Config"]["Labels"])[:2], (app, "web"))
+        self.assertEqual(info["Config"]["Labels"][convox.LABEL_TYPE], "process")
+
+    def test_memory_limit(self):
+        app = app_name("runmem")
+        self.container(app, "web", memory=128)
+        info = self.detached("-a", app, "run", "--detach", "web", "sleep", "30")
+        self.assertEqual(info["HostConfig"]["Memory"], 128 * 1024 * 1024)
+        info = self.detached("-a", app, "run", "--memory", "64", "--detach", "web", "sleep",
+                             "30")
+        self.assertEqual(info["HostConfig"]["Memory"], 64 * 1024 * 1024)
+        rows = self.convox("-a", app, "ps", "-s", "web").stdout.decode().splitlines()
+        self.assertIn(["64"], [[c for c in re.split(r"\s{2,}", r) if c == "64"]
+                               for r in rows[1:]])
+
+    def test_two_networks(self):
+        app = app_name("runnets")
+        hosts = app_name("runhosts")
+        one, two = self.network("net1"), self.network("net2")
+        self.container(hosts, "alpha", network=one, aliases=["alpha"])
+        self.container(hosts, "beta", network=two, aliases=["beta"])
+        web = self.container(app, "web", network=one, aliases=["web-one"])
+        self.engine.connect_network(two, web, ["web-two"])
+        result = self.convox("-a", app, "run", "web", "sh", "-c",
+                             "ping -c1 -W2 alpha && ping -c1 -W2 beta")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        info = self.detached("-a", app, "run", "--detach", "web", "sleep", "30")
+        networks = info["NetworkSettings"]["Networks"]
+        self.assertEqual(sorted(networks), sorted([one, two]))
+        self.assertIn("web-one", networks[one]["Aliases"])
+        self.assertIn("web-two", networks[two]["Aliases"])
+
+
+class RunReleaseTest(RunTestCase):
+    """--release and ENTRYPOINT, on images built for the test."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.app = app_name("runrel")
+        folder = tempfile.mkdtemp()
+        try:
+            cls.images = {}
+            for release in ("R1", "R2"):
+                marker = os.path.join(folder, release)
+                with open(marker, "w") as handle:
+                    handle.write(release + "\n")
+                cls.images[release] = HARNESS.build(
+                    "%s:%s" % (app_name("img"), release.lower()),
+                    "FROM %s\nCOPY %s /release\n" % (cls.image, release), {release: marker},
+                    labels={convox.LABEL_APP: cls.app, convox.LABEL_SERVICE: "web",
+                            convox.LABEL_RELEASE: release})
+            script = executable_file(folder, "ep.sh", '#!/bin/sh\necho ep\nexec "$@"\n')
+            cls.entrypoint_image = HARNESS.build(
+                "%s:ep" % app_name("img"),
+                'FROM %s\nCOPY ep.sh /ep.sh\nENTRYPOINT ["/ep.sh"]\n' % cls.image,
+                {"ep.sh": script})
+        finally:
+            shutil.rmtree(folder)
+
+    def test_release_picks_its_image(self):
+        app = self.app
+        old = self.container(app, "web", release="R1", image=self.images["R1"])
+        self.container(app, "web", release="R2", image=self.images["R2"])
+        result = self.convox("-a", app, "run", "web", "cat", "/release")
+        self.assertEqual((result.returncode, result.stdout), (0, b"R2\n"), result.stderr)
+        result = self.convox("-a", app, "run", "--release", "R1", "web", "cat", "/release")
+        self.assertEqual((result.returncode, result.stdout), (0, b"R1\n"), result.stderr)
+        info = self.detached("-a", app, "run", "web", "--release", "R1", "--detach", "sleep",
+                             "30")
+        self.assertEqual(info["Image"], self.engine.inspect(old)["Image"])
+        self.assertEqual(info["Config"]["Labels"][convox.LABEL_RELEASE], "R1")
+        # With no container of R1 left, the image labelled with it still names it.
+        self.engine.remove(old)
+        self.engine.remove(info["Id"])
+        result = self.convox("-a", app, "run", "--release", "R1", "web", "cat", "/release")
+        self.assertEqual((result.returncode, result.stdout), (0, b"R1\n"), result.stderr)
+
+        result = self.convox("-a", app, "run", "--release", "RNOPE", "web", "true")
+        self.assertEqual(result.returncode, 125)
+        self.assertOneErrorLine(result)
+        self.assertIn("no such release: RNOPE", result.stderr.decode())
+        self.assertNoneLeft(app)
+
+    def test_entrypoint(self):
+        app = app_name("runep")
+        self.container(app, "web", image=self.entrypoint_image)
+        cases = [((), b"ep\nhi\n"), (("--no-entrypoint",), b"hi\n"),
+                 (("--entrypoint=false",), b"hi\n"), (("--entrypoint=true",), b"ep\nhi\n")]
+        for options, want in cases:
+            with self.subTest(options=options):
+                result = self.convox("-a", app, "run", *(options + ("web", "echo", "hi")))
+                self.assertEqual((result.returncode, result.stdout), (0, want), result.stderr)
+        result = self.convox("-a", app, "run", "web", "--no-entrypoint", "echo", "hi")
+        self.assertEqual((result.returncode, result.stdout), (0, b"hi\n"), result.stderr)
+        self.assertNoneLeft(app)
+
+
+class RunTimeoutTest(RunTestCase):
+    def test_timeout(self):
+        app = app_name("runtimeout")
+        self.container(app, "web")
+        started = time.monotonic()
+        result = self.convox("-a", app, "run", "--timeout", "3", "web", "sleep", "60",
+                             timeout=30)
+        elapsed = time.monotonic() - started
+        self.assertEqual(result.returncode, 124, result.stderr)
+        self.assertEqual(result.stderr, b"ERROR: timeout after 3 seconds\n")
+        self.assertTrue(3 <= elapsed < 15, elapsed)
+        self.assertNoneLeft(app, within=5)
+        self.assertNoWatchdog(app)
+
+    def test_timeout_survives_sigkill_of_the_client(self):
+        app = app_name("runkill")
+        self.container(app, "web")
+        proc = self.client("-a", app, "run", "--timeout", "5", "web", "sleep", "600")
+        started = time.monotonic()
+        self.running_one_off(app)
+        proc.kill()
+        proc.wait(10)
+        self.assertTrue(self.processes_of(app, "process"))  # the client died; not the process
+        self.assertNoneLeft(app, within=20 - (time.monotonic() - started))
+        self.assertNoWatchdog(app)
+
+    def test_no_watchdog_after_a_normal_run(self):
+        app = app_name("rundog")
+        self.container(app, "web")
+        for options in ((), ("--timeout", "30")):
+            result = self.convox("-a", app, "run", *(options + ("web", "true")))
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertNoWatchdog(app, within=5)
+
+
+class RunTerminalTest(TerminalTestCase):
+    def one_off_running(self, app, within=20):
+        for _ in deadline_loop(within, 0.1):
+            if any(s.get("State") == "running" for s in self.processes_of(app, "process")):
+                return
+        self.fail("no one-off of %s started" % app)
+
+    def test_terminal_size(self):
+        app = app_name("runsize")
+        self.container(app, "web")
+        if convox._version_tuple(self.engine.api_version()) >= (1, 42):
+            first = "stty size"  # the size is part of the create request (ConsoleSize)
+        else:
+            # Older engines can resize only once the process runs (as docker run does):
+            # wait for that first resize (busybox stty prints no size while it is 0 x 0).
+            first = 'until [ -n "$(stty size 2>/dev/null)" ]; do sleep 0.05; done; stty size'
+        session = self.pty("-a", app, "run", "--timeout", "60", "web",
+                           first + "; read line; stty size", rows=33, cols=97)
+        session.expect(r"\b33 97\r\n")
+        # The kernel sends convox SIGWINCH before the keystroke can arrive, and the loop
+        # handles a signal before input: the resize reaches the engine first.
+        session.set_size(41, 120)
+        session.send("\r")
+        session.expect(r"\b41 120\r\n")
+        self.assertEqual(session.wait(), 0)
+        self.assertEqual(session.attrs(), session.initial_attrs)
+        self.assertNoneLeft(app)
+
+    def test_ctrl_c(self):
+        app = app_name("runctrlc")
+        self.container(app, "web")
+        session = self.pty("-a", app, "run", "web", "sleep", "600")
+        self.one_off_running(app)
+        time.sleep(0.3)  # the session is up: raw mode, so ^C is the remote terminal's
+        session.send("\x03")
+        self.assertEqual(session.wait(20), 130)
+        self.assertEqual(session.attrs(), session.initial_attrs)
+        self.assertNoneLeft(app)
+
+    def test_lost_terminal(self):
+        app = app_name("runhup")
+        self.container(app, "web")
+        session = self.pty("-a", app, "run", "web", "sleep", "600")
+        self.one_off_running(app)
+        # Closing the master end hangs the terminal up: the kernel sends SIGHUP.
+        os.close(session.master)
+        session.master = os.open(os.devnull, os.O_RDONLY)
+        session.proc.wait(20)
+        self.assertNoneLeft(app)
 
 
 if __name__ == "__main__":
