@@ -37,7 +37,6 @@ import threading
 import time
 import unittest
 import concurrent.futures
-import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONVOX = os.path.join(HERE, "convox.py")
