@@ -691,9 +691,13 @@ class Demuxer:
         self._pending = bytearray()
         self._stream = None
         self._left = 0
+        self._copy = True
 
-    def feed(self, data):
+    def feed(self, data, copy=True):
+        """-> [(fd_index, payload)]; with copy=False the payloads are views into ``data``,
+        valid until ``data`` changes (the pump writes them out at once)."""
         out = []
+        self._copy = copy
         try:
             return self._split(data, out)
         except StreamError as exc:
@@ -715,7 +719,7 @@ class Demuxer:
                         raise StreamError("the engine reported: %s" % bytes(
                             self._pending).decode("utf-8", "replace").strip())
                 else:
-                    out.append((self._stream, bytes(piece)))
+                    out.append((self._stream, bytes(piece) if self._copy else piece))
                 continue
             need = 8 - len(self._pending)
             self._pending += view[:need]
@@ -742,7 +746,7 @@ def parse_detach_keys(spec):
     keys = bytearray()
     for part in spec.split(","):
         part = part.strip()
-        if len(part) == 1:
+        if len(part) == 1 and ord(part) < 128:  # one ASCII key; "é" is no single byte
             keys.append(ord(part))
             continue
         name = part.lower()
@@ -829,25 +833,42 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
     sock.setblocking(False)
     demux = None if tty else Demuxer()
     matcher = DetachMatcher(detach_keys) if detach_keys else None
-    to_engine = bytearray()
+    # Both directions reuse one buffer each: a fresh bytes object per read costs page
+    # faults (glibc hands 64 KiB blocks back to the kernel) and a copy.
+    inbox = memoryview(bytearray(CHUNK))     # engine -> local fds
+    outbox = bytearray(CHUNK)                # stdin -> engine
+    to_engine = memoryview(b"")              # what is read from stdin and not yet sent
     stdin_open = stdin_fd is not None
     line_start = True  # the last byte of input ended a line (see stdin EOF below)
     outputs = {1: stdout_fd, 2: stderr_fd}
 
     def deliver(data):
         if len(stream.first_output) < 512:
-            stream.first_output += data[:512]
+            stream.first_output += bytes(data[:512])
         if demux is None:
             _write_all(stdout_fd, data)
             return
         try:
-            pieces = demux.feed(data)
+            pieces = demux.feed(data, copy=False)
         except StreamError as exc:
             for index, payload in exc.output:
                 _write_all(outputs[index], payload)
             raise
         for index, payload in pieces:
             _write_all(outputs[index], payload)
+
+    def send():
+        """Send what the engine will take now; -> False when it takes no more input."""
+        nonlocal to_engine
+        try:
+            sent = sock.send(to_engine)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            to_engine = memoryview(b"")  # the process is gone; output may remain
+            return False
+        to_engine = to_engine[sent:]
+        return True
 
     try:
         if stream.early:
@@ -856,7 +877,9 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
             _half_close(sock)
         while True:
             readable = [sock]
-            if stdin_open and len(to_engine) < BUFFER_LIMIT:
+            # One chunk of input in flight: a process that stops reading its stdin holds
+            # up at most CHUNK bytes here, never its output.
+            if stdin_open and not to_engine:
                 readable.append(stdin_fd)
             if signal_fd is not None:
                 readable.append(signal_fd)
@@ -873,58 +896,55 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
                     if outcome:
                         return outcome
             if writable:
-                try:
-                    sent = sock.send(to_engine)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    # The engine stopped taking input (process gone); output may remain.
-                    sent, stdin_open = len(to_engine), False
-                del to_engine[:sent]
+                if not send():
+                    stdin_open = False
                 if not to_engine and not stdin_open and not tty:
                     _half_close(sock)
             if stdin_open and stdin_fd in ready:
                 try:
-                    data = os.read(stdin_fd, CHUNK)
+                    count = os.readv(stdin_fd, [outbox])
                 except (BlockingIOError, InterruptedError):
-                    data = None
+                    count = None
                 except OSError:
-                    data = b""
-                if data == b"":
+                    count = 0
+                if count == 0:
                     stdin_open = False
                     if tty:
                         # The far end is a terminal, whose EOF is the VEOF key (^D; a
                         # second one after a partial line).  A half-close would make
                         # Docker hang the terminal up and drop the output not yet sent
                         # (--tty with stdin from a file or /dev/null, as in CI).
-                        to_engine += b"\x04" if line_start else b"\x04\x04"
+                        to_engine = memoryview(b"\x04" if line_start else b"\x04\x04")
                     elif not to_engine:
                         _half_close(sock)
-                elif data:
+                elif count:
+                    data = memoryview(outbox)[:count]
                     line_start = data[-1:] in (b"\n", b"\r")
                     if matcher is not None:
-                        data, detached = matcher.feed(data)
-                        to_engine += data
+                        data, detached = matcher.feed(bytes(data))
+                        to_engine = memoryview(data)
                         if detached:
                             return "detached"
                     else:
-                        to_engine += data
+                        to_engine = data
+                    if to_engine and not send():  # most often the socket takes it now
+                        stdin_open = False
             if sock in ready:
                 try:
-                    data = sock.recv(CHUNK)
+                    count = sock.recv_into(inbox)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except (ConnectionResetError, ConnectionAbortedError):
-                    data = b""
+                    count = 0
                 except OSError as exc:
                     raise StreamError("the stream from the engine broke (%s)" %
                                       (exc.strerror or exc))
-                if not data:
+                if not count:
                     if demux is not None and demux.partial():
                         raise StreamError("the stream from the engine ended inside a frame — "
                                           "the output is incomplete")
                     return "eof"
-                deliver(data)
+                deliver(inbox[:count])
     except OSError as exc:
         # Our stdout went away: a closed pipe (| head), or a hung-up terminal (EIO).
         if exc.errno in (errno.EPIPE, errno.EIO):
@@ -1124,18 +1144,29 @@ class Process:
 
 
 class Apps:
-    """The engine's containers grouped by app; a list of all containers, read once."""
+    """The containers of one app, read once through label filters (the engine may hold
+    thousands of others); the full list is read only when an error must name the apps."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, app=None):
         self.engine = engine
-        self.summaries = engine.containers(all=True)
+        self.app = app
+        self._all = None
+        if app is None:
+            self.summaries = self.all()
+        else:
+            self.summaries = app_summaries(engine, app)
+
+    def all(self):
+        if self._all is None:
+            self._all = self.engine.containers(all=True)
+        return self._all
 
     def names(self):
-        return sorted({identity(c.get("Labels"))[0] for c in self.summaries} - {""})
+        return sorted({identity(c.get("Labels"))[0] for c in self.all()} - {""})
 
     def summaries_of(self, app, service=None, running_only=False):
         found = []
-        for summary in self.summaries:
+        for summary in (self.summaries if app == self.app else self.all()):
             c_app, c_service, _, _ = identity(summary.get("Labels"))
             if c_app != app or (service is not None and c_service != service):
                 continue
@@ -1165,6 +1196,20 @@ class Apps:
             except NotFound:
                 continue  # removed between the list and the inspect
         return result
+
+
+def app_summaries(engine, app, service=None, running_only=False):
+    """Summaries of an app's containers (Convox labels or Compose's), filtered by the
+    engine: two small answers instead of the list of every container on the host."""
+    found = {}
+    for app_label, service_label in ((LABEL_APP, LABEL_SERVICE),
+                                     (COMPOSE_PROJECT, COMPOSE_SERVICE)):
+        labels = ["%s=%s" % (app_label, app)]
+        if service is not None:
+            labels.append("%s=%s" % (service_label, service))
+        for summary in engine.containers(all=not running_only, filters={"label": labels}):
+            found[summary["Id"]] = summary
+    return list(found.values())
 
 
 def find_process(engine, app, ident):
@@ -1313,7 +1358,7 @@ def find_target(engine, app, target):
         info = None
     if info is not None and (info.get("State") or {}).get("Running"):
         return info["Id"]
-    apps = Apps(engine)
+    apps = Apps(engine, app)
     running = apps.summaries_of(app, target, running_only=True)
     if running:
         return newest(running)["Id"]
@@ -3238,7 +3283,7 @@ def cmd_ps(ctx):
         raise UsageError("unknown ps command %r — use convox ps, ps info ID or ps stop ID"
                          % words[0])
     app, inferred = ctx.app()
-    apps = Apps(ctx.engine)
+    apps = Apps(ctx.engine, app)
     apps.require_app(app, inferred)
     # -s lists every process of the service, one-offs and stopped ones included.
     processes = apps.processes(app, args.service, running_only=not (args.all or args.service))
@@ -3484,7 +3529,7 @@ def cmd_run(ctx):
     engine = ctx.engine
     app, inferred = ctx.app()
     service = args.target
-    apps = Apps(engine)
+    apps = Apps(engine, app)
     template = service_template(engine, apps, app, service)
     if template is None:
         template = manifest_template(engine, app, service, ctx.environ)

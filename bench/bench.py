@@ -18,11 +18,17 @@ counts is the median of the pair-by-pair ratios convox / peer (below 1: convox i
 Medians of the absolute figures and the peak RSS of each contender (``ru_maxrss`` from
 ``os.wait4``) are printed beside them.
 
+Peak RSS: a child forked from this bench would inherit its RSS in ru_maxrss, so children
+are started through a ~2 MiB busybox launcher and reaped as re-parented orphans (see
+Child); that costs every contender the same ~2 ms.
+
 Workloads (names for --only):
 
     ps      convox ps with 10 (and, in a full run, 200) containers; peers: docker ps
             --filter label=..., docker-py's containers.list; floor: the interpreter
-            importing the modules convox.py imports at start-up
+            importing the modules convox.py imports at start-up.  Also convox.py run from
+            bytecode compiled beforehand, which shows what ``python3 convox.py`` pays to
+            compile itself on every run
     exec    exec round trip: exec ID true
     stdout  exec stdout throughput: head -c SIZE /dev/zero inside, to /dev/null, no TTY;
             floor: a raw reader of the hijacked stream that discards bytes unread
@@ -33,7 +39,8 @@ Workloads (names for --only):
     rss     peak RSS of the stdout workload at a small and a big size (must be flat)
 
 docker-py is installed with pip into a throwaway venv under the temp folder (reused by later
-runs; never inside the repository).  When that fails it is skipped with a note; --quick
+runs; never inside the repository), made with --system-site-packages so that it starts up as
+the interpreter running convox.py does.  When that fails it is skipped with a note; --quick
 uses it only when an earlier run left the venv behind.  Standard library only otherwise;
 runs on CPython 3.6+.
 """
@@ -104,10 +111,11 @@ LIVE = set()
 class Sample:
     """One measured run of one contender."""
 
-    def __init__(self, wall, rss_kib, status, extra=None):
+    def __init__(self, wall, rss_kib, status, cpu=0.0, extra=None):
         self.wall = wall
         self.rss_kib = rss_kib
         self.status = status
+        self.cpu = cpu          # user + system seconds of the process (its own, from wait4)
         self.extra = extra or {}
 
 
@@ -184,7 +192,8 @@ class Child:
             code = os.WEXITSTATUS(status)
         else:
             code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else -1
-        return Sample(end - self.start, usage.ru_maxrss, code)
+        return Sample(end - self.start, usage.ru_maxrss, code,
+                      cpu=usage.ru_utime + usage.ru_stime)
 
     def poll(self):
         """The Sample when it has exited, else None."""
@@ -243,6 +252,8 @@ def reap_orphans():
 
 
 def kill_children():
+    """Kill and reap what still runs; -> how many there were."""
+    killed = len(LIVE)
     for child in list(LIVE):
         child.kill()
         try:
@@ -250,6 +261,7 @@ def kill_children():
         except ChildProcessError:
             LIVE.discard(child)
     reap_orphans()
+    return killed
 
 
 def measure(argv, env, stdin_path=None, timeout=600):
@@ -446,7 +458,7 @@ def startup_imports(path=CONVOX):
 def docker_py_venv(allow_install, notes):
     """The python of a venv that has docker-py, or None (with a note saying why)."""
     folder = os.path.join(tempfile.gettempdir(),
-                          "convox-bench-docker-py-%d.%d" % sys.version_info[:2])
+                          "convox-bench-docker-py-%d.%d-system" % sys.version_info[:2])
     python = os.path.join(folder, "bin", "python")
 
     def works():
@@ -463,7 +475,9 @@ def docker_py_venv(allow_install, notes):
     progress("installing docker-py into %s" % folder)
     shutil.rmtree(folder, ignore_errors=True)
     try:
-        subprocess.check_call([sys.executable, "-m", "venv", folder],
+        # --system-site-packages: the venv starts up exactly as the interpreter convox.py
+        # runs on does (same site-packages, same .pth hooks), so that start-up costs match.
+        subprocess.check_call([sys.executable, "-m", "venv", "--system-site-packages", folder],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               timeout=120)
         subprocess.check_call([python, "-m", "pip", "install", "-q",
@@ -504,6 +518,8 @@ class Bench:
         self.docker = shutil.which("docker")
         self.docker_py = None
         self.python = sys.executable
+        # Read once: convox.py may change under a long run (others edit it).
+        self.modules = startup_imports()
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -544,11 +560,14 @@ class Bench:
                                            convox.LABEL_SERVICE: "web"}),
                   "HostConfig": {"Init": True}}
         made, errors = [], []
+        stop = threading.Event()  # set on Ctrl-C: no container may appear after cleanup
 
         def worker(count):
             engine = self.engine_for_thread()
             try:
                 for _ in range(count):
+                    if stop.is_set():
+                        return
                     ident = engine.create_container(config)["Id"]
                     made.append(ident)
                     engine.start(ident)
@@ -561,8 +580,13 @@ class Bench:
                    for i in range(min(8, missing))]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.join()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
         self.fixtures.extend(made)
         if errors:
             raise BenchError("could not start fixture containers: %s" % errors[0])
@@ -579,9 +603,31 @@ class Bench:
 
     def cleanup(self):
         """Remove every container and image of this run (and the temp folder)."""
-        kill_children()
+        killed = kill_children()
         shutil.rmtree(self.tmp, ignore_errors=True)
         engine = self.engine_for_thread() if self.engine.version else self.engine
+        # A client killed in the middle of a create (docker run, convox run) can leave a
+        # container that shows up only after the first sweep: sweep again a moment later.
+        for delay in (0, 1.0) if killed else (0,):
+            time.sleep(delay)
+            self.remove_containers(engine)
+        try:
+            images = engine.request("GET", "/images/json", {
+                "filters": {"label": ["%s=%s" % (BENCH_LABEL, self.run_id)]}}) or []
+            for image in images:
+                # By ID: its tags and, had a build been cut short, an untagged image too.
+                try:
+                    engine.request("DELETE", "/images/%s" % image["Id"], {"force": "1"})
+                except convox.ConvoxError as exc:
+                    sys.stderr.write("bench: could not remove image %s: %s\n" % (
+                        image["Id"][7:19], exc))
+        except convox.ConvoxError as exc:
+            sys.stderr.write("bench: cleanup could not remove the image: %s\n" % exc)
+        engine.close()
+        self.engine.close()
+
+    def remove_containers(self, engine):
+        """Remove the containers labelled with this run or its app, eight at a time."""
         idents = set()
         try:
             for label in ("%s=%s" % (BENCH_LABEL, self.run_id),
@@ -608,24 +654,21 @@ class Bench:
             thread.start()
         for thread in threads:
             thread.join()
-        try:
-            images = engine.request("GET", "/images/json", {
-                "filters": {"label": ["%s=%s" % (BENCH_LABEL, self.run_id)]}}) or []
-            for image in images:
-                for tag in image.get("RepoTags") or [image["Id"]]:
-                    try:
-                        engine.request("DELETE", "/images/%s" % tag, {"force": "1"})
-                    except convox.ConvoxError:
-                        pass
-        except convox.ConvoxError as exc:
-            sys.stderr.write("bench: cleanup could not remove the image: %s\n" % exc)
-        engine.close()
-        self.engine.close()
 
     # -- the command lines of each contender -------------------------------------------------
 
     def convox(self, *words):
         return [self.python, CONVOX, "-a", self.app] + list(words)
+
+    def convox_pyc(self, *words):
+        """convox.py run from bytecode compiled beforehand (as ``python3 -m convox`` with a
+        __pycache__, or a zipapp that ships the .pyc): what start-up costs without the
+        compile that ``python3 convox.py`` does on every run."""
+        path = os.path.join(self.tmp, "convox.pyc")
+        if not os.path.exists(path):
+            import py_compile
+            py_compile.compile(CONVOX, cfile=path, doraise=True)
+        return [self.python, path, "-a", self.app] + list(words)
 
     def docker_cli(self, *words):
         return [self.docker] + list(words)
@@ -677,6 +720,7 @@ def summarise(workload, case, contenders, samples, metric="wall", unit_bytes=Non
             "workload": workload, "case": case, "contender": contender.key,
             "label": contender.label, "pairs": len(theirs), "floor": contender.is_floor,
             "wall_s": statistics.median(s.wall for s in theirs),
+            "cpu_s": statistics.median(s.cpu for s in theirs),
             "rss_kib": statistics.median(s.rss_kib for s in theirs),
             "ratio": None,
         }
@@ -695,6 +739,9 @@ def summarise(workload, case, contenders, samples, metric="wall", unit_bytes=Non
             row["ratio"] = statistics.median(ratios)
             row["rss_ratio"] = statistics.median(a.rss_kib / b.rss_kib
                                                  for a, b in zip(mine, theirs))
+            if "convox-pyc" in samples and contender.key != "convox-pyc" and metric == "wall":
+                row["pyc_ratio"] = statistics.median(
+                    a.wall / b.wall for a, b in zip(samples["convox-pyc"], theirs))
         rows.append(row)
     return rows
 
@@ -716,9 +763,11 @@ def workload_ps(bench, count=10):
     bench.add_fixtures(count)
     env = bench.env
     label = "label=%s=%s" % (convox.LABEL_APP, bench.app)
-    modules = startup_imports()
+    modules = bench.modules
     contenders = [Contender("convox", "convox ps",
-                            lambda: measure(bench.convox("ps"), env))]
+                            lambda: measure(bench.convox("ps"), env)),
+                  Contender("convox-pyc", "convox ps, precompiled (python convox.pyc)",
+                            lambda: measure(bench.convox_pyc("ps"), env))]
     contenders += peers(
         bench,
         docker_cli=("docker ps --filter label=convox.app=APP",
@@ -853,6 +902,7 @@ def workload_rss(bench):
             "workload": "rss", "case": "%d vs %d MiB" % (small // MIB, big // MIB),
             "contender": contender.key, "label": contender.label, "pairs": len(theirs),
             "floor": False, "wall_s": statistics.median(x.wall for x in theirs),
+            "cpu_s": statistics.median(x.cpu for x in theirs),
             "rss_kib": statistics.median(x.rss_kib for x in theirs), "ratio": None,
         })
     by_key = {row["contender"]: row for row in rows}
@@ -940,27 +990,31 @@ def row_note(row):
         notes.append("%.0f MiB/s" % row["mib_per_s"])
     if row.get("rss_ratio") is not None:
         notes.append("RSS convox/this %.2f" % row["rss_ratio"])
+    if row.get("pyc_ratio") is not None:
+        notes.append("precompiled/this %.2f" % row["pyc_ratio"])
     if row.get("growth") is not None:
         notes.append("RSS x%.2f from the small size" % row["growth"])
     return "; ".join(notes)
 
 
 def render_table(info, settings, rows, notes, failures):
-    head = ["WORKLOAD", "CASE", "CONTENDER", "WALL", "PEAK RSS", "CONVOX/THIS", "NOTE"]
+    head = ["WORKLOAD", "CASE", "CONTENDER", "WALL", "CPU", "PEAK RSS", "CONVOX/THIS", "NOTE"]
     lines = []
     for row in rows:
         lines.append([row["workload"], row["case"], row["label"], fmt_time(row["wall_s"]),
-                      fmt_rss(row["rss_kib"]),
+                      fmt_time(row["cpu_s"]), fmt_rss(row["rss_kib"]),
                       "-" if row["ratio"] is None else "%.2f" % row["ratio"], row_note(row)])
     widths = [max(len(head[i]), *(len(line[i]) for line in lines)) if lines else len(head[i])
               for i in range(len(head))]
-    out = ["convox.py benchmark — %s · %s CPUs (%s) · %s · %s · docker CLI %s · docker-py %s"
-           % (info["date"], info["nproc"], info["cpu"], info["python"], info["engine"],
-              info["docker_cli"] or "absent", info["docker_py"] or "absent"),
-           "%s run: %d pairs (+%d warm-up discarded; streams %d, rss %d); medians; "
-           "CONVOX/THIS = median of pair-by-pair ratios (wall time; p50 for tty), < 1 means "
-           "convox is faster" % ("quick" if settings.quick else "full", settings.pairs,
-                                 settings.warmup, settings.stream_pairs, settings.rss_pairs),
+    out = ["convox.py benchmark, %s" % info["date"],
+           "machine: %s CPUs (%s), Linux %s; %s; %s; docker CLI %s; docker-py %s" % (
+               info["nproc"], info["cpu"], info["kernel"], info["python"], info["engine"],
+               info["docker_cli"] or "absent", info["docker_py"] or "absent"),
+           "%s run: %d pairs (+%d warm-up discarded; streams %d, rss %d); figures are "
+           "medians" % ("quick" if settings.quick else "full", settings.pairs, settings.warmup,
+                        settings.stream_pairs, settings.rss_pairs),
+           "CPU: user+system time of the process itself.  CONVOX/THIS: median of the "
+           "pair-by-pair ratios of wall time (p50 for tty); below 1, convox is faster",
            ""]
     for line in [head] + lines:
         cells = [line[i].ljust(widths[i]) for i in range(len(head) - 1)] + [line[-1]]
@@ -1006,9 +1060,15 @@ def evaluate(rows):
     for row in find("ps", "docker-py"):
         targets.append(("ps >= 3x faster than docker-py (%s)" % row["case"],
                         "%.1fx" % (1 / row["ratio"]), row["ratio"] <= 1 / 3.0))
+        if row.get("pyc_ratio"):
+            targets.append(("  same, precompiled bytecode (%s)" % row["case"],
+                            "%.1fx" % (1 / row["pyc_ratio"]), row["pyc_ratio"] <= 1 / 3.0))
     for row in find("ps", "floor"):
         targets.append(("ps within 1.5x of the interpreter floor (%s)" % row["case"],
                         "%.2f" % row["ratio"], row["ratio"] <= 1.5))
+        if row.get("pyc_ratio"):
+            targets.append(("  same, precompiled bytecode (%s)" % row["case"],
+                            "%.2f" % row["pyc_ratio"], row["pyc_ratio"] <= 1.5))
     for row in find("tty", "docker"):
         targets.append(("tty echo p50 within 1 ms of docker CLI", "%+.2f ms" % (
             row["p50_diff_s"] * 1000), row["p50_diff_s"] <= 0.001))
@@ -1114,11 +1174,14 @@ def main(argv=None):
         sys.stderr.write("bench: ERROR: %s\n" % exc)
         status = 1
     finally:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let cleanup finish
+        # Let the cleanup finish: a second Ctrl-C or a SIGTERM must not leave anything.
+        signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = [signal.signal(signum, signal.SIG_IGN) for signum in signums]
         try:
             bench.cleanup()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in zip(signums, previous):
+                signal.signal(signum, handler)
     return status
 
 
