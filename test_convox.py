@@ -3233,5 +3233,44 @@ class RunTerminalTest(TerminalTestCase):
         self.assertNoneLeft(app)
 
 
+# ==========================================================================================
+# Benchmarks: a smoke run of bench/bench.py --quick
+# ==========================================================================================
+
+# ==========================================================================================
+# Benchmarks
+# ==========================================================================================
+
+class BenchSmokeTest(EngineTestCase):
+    """bench/bench.py --quick runs against the real engine, prints every workload, exits 0
+    and leaves nothing behind.  No timing assertions: figures go to the README."""
+
+    WORKLOADS = ("ps", "exec", "stdout", "stdin", "run", "tty", "rss")
+
+    def test_quick_run_prints_every_workload(self):
+        bench = os.path.join(HERE, "bench", "bench.py")
+        with tempfile.TemporaryDirectory() as folder:
+            figures = os.path.join(folder, "bench.json")
+            result = subprocess.run([sys.executable, bench, "--quick", "--json", figures],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, env=HARNESS.env(),
+                                    cwd=HERE, timeout=300)
+            self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+            output = result.stdout.decode("utf-8", "replace")
+            printed = {line.split()[0] for line in output.splitlines() if line.strip()}
+            for name in self.WORKLOADS:
+                self.assertIn(name, printed, output)
+            with open(figures) as handle:
+                data = json.load(handle)
+        self.assertEqual(data["failures"], [])
+        self.assertEqual({row["workload"] for row in data["rows"]}, set(self.WORKLOADS))
+        for label in ("convox.bench=" + data["run_id"], "convox.app=" + data["app"]):
+            self.assertEqual(self.engine.containers(all=True, filters={"label": [label]}),
+                             [], "containers left behind with " + label)
+        images = self.engine.request("GET", "/images/json", {
+            "filters": {"label": ["convox.bench=" + data["run_id"]]}})
+        self.assertEqual(images, [], "bench image left behind")
+
+
 if __name__ == "__main__":
     unittest.main()
