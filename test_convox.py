@@ -3237,10 +3237,6 @@ class RunTerminalTest(TerminalTestCase):
 # Benchmarks: a smoke run of bench/bench.py --quick
 # ==========================================================================================
 
-# ==========================================================================================
-# Benchmarks
-# ==========================================================================================
-
 class BenchSmokeTest(EngineTestCase):
     """bench/bench.py --quick runs against the real engine, prints every workload, exits 0
     and leaves nothing behind.  No timing assertions: figures go to the README."""
