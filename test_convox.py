@@ -1938,9 +1938,14 @@ class CliTest(unittest.TestCase):
         self.addCleanup(server.close)
         os.chmod(path, 0o600)
         os.chmod(folder, 0o755)
+        # nobody can run neither root's pyenv Pythons nor files in a 0700 folder: a copy of
+        # convox.py in an open folder, and the system's python3 where there is one.
+        shutil.copy(CONVOX, folder)
+        os.chmod(os.path.join(folder, "convox.py"), 0o755)
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
         result = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-             CONVOX, "--rack", "unix://" + path, "ps"],
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python,
+             os.path.join(folder, "convox.py"), "--rack", "unix://" + path, "ps"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(result.returncode, 1)
         err = result.stderr.decode()
@@ -3199,13 +3204,18 @@ class RunTerminalTest(TerminalTestCase):
             # wait for that first resize (busybox stty prints no size while it is 0 x 0).
             first = 'until [ -n "$(stty size 2>/dev/null)" ]; do sleep 0.05; done; stty size'
         session = self.pty("-a", app, "run", "--timeout", "60", "web",
-                           first + "; read line; stty size", rows=33, cols=97)
+                           first + "; while read line; do stty size; done", rows=33, cols=97)
         session.expect(r"\b33 97\r\n")
-        # The kernel sends convox SIGWINCH before the keystroke can arrive, and the loop
-        # handles a signal before input: the resize reaches the engine first.
+        # SIGWINCH -> the resize request; the remote terminal reports it on each Enter (the
+        # engine applies a resize on its own time, so ask until it shows, within a deadline).
         session.set_size(41, 120)
-        session.send("\r")
+        for _ in deadline_loop(15, 0.3):
+            session.send("\r")
+            if re.search(rb"\b41 120\r\n", session.output):
+                break
+            session.read_some(0.2)
         session.expect(r"\b41 120\r\n")
+        session.send("\x04")
         self.assertEqual(session.wait(), 0)
         self.assertEqual(session.attrs(), session.initial_attrs)
         self.assertNoneLeft(app)
