@@ -36,6 +36,9 @@ import fcntl
 import threading
 import time
 import unittest
+import http.server
+import socketserver
+import urllib.parse
 import concurrent.futures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -2826,10 +2829,6 @@ class ExecTerminalTest(ExecFixtures, TerminalTestCase):
 # The real engine: run
 # ==========================================================================================
 
-# ==========================================================================================
-# The real engine: run
-# ==========================================================================================
-
 def convox_processes(app):
     """PIDs of convox.py processes (clients or their watchdogs) whose command names ``app``."""
     found = []
@@ -3276,6 +3275,1404 @@ class BenchSmokeTest(EngineTestCase):
         images = self.engine.request("GET", "/images/json", {
             "filters": {"label": ["convox.bench=" + data["run_id"]]}})
         self.assertEqual(images, [], "bench image left behind")
+
+
+# ==========================================================================================
+# Reliability: faults, bad input, load, Podman
+# ==========================================================================================
+
+def printed_seed(name):
+    """A seed for a randomised test: CONVOX_TEST_SEED, else fresh; printed so that a
+    failure can be replayed."""
+    seed = int(os.environ.get("CONVOX_TEST_SEED") or random.randrange(1 << 32))
+    sys.stderr.write("test: %s seed %d (CONVOX_TEST_SEED=%d replays it)\n" % (name, seed, seed))
+    return seed
+
+
+def client_env(rack, **extra):
+    """The environment of a convox subprocess aimed at ``rack``, none of ours inherited."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CONVOX_", "DOCKER_"))}
+    env.update({"CONVOX_RACK": rack, "DOCKER_HOST": rack})
+    env.update(extra)
+    return env
+
+
+def frame(stream, payload):
+    """One frame of Docker's multiplexed stream."""
+    return struct.pack(">BxxxL", stream, len(payload)) + payload
+
+
+class ReliabilityChecks:
+    """Assertions shared by the reliability tests (a mixin for unittest.TestCase)."""
+
+    def assertCleanFailure(self, status, stderr, expected=125):
+        """One ``ERROR:`` line last, no traceback, no "report it" (the catch-all for bugs),
+        and the status the verb owes (never 0)."""
+        text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
+        lines = text.splitlines()
+        self.assertNotIn("Traceback", text)
+        self.assertTrue(lines and lines[-1].startswith("ERROR: "), text)
+        self.assertEqual(len([l for l in lines if l.startswith("ERROR: ")]), 1, text)
+        self.assertNotIn("report it", text)
+        self.assertNotEqual(status, 0, text)
+        if expected is not None:
+            self.assertEqual(status, expected, text)
+
+
+# -- a fake engine for faults the real one can't produce on demand --------------------------
+
+class FakeEngineHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, as the engine speaks it; every request goes to ``fake``."""
+    protocol_version = "HTTP/1.1"
+    rbufsize = 0  # unbuffered: a body left unread stays in the socket, so closing resets
+    fake = None
+
+    def log_message(self, *args):
+        pass  # the client's output is what the tests read
+
+    def do_GET(self):
+        self.fake.handle(self, "GET")
+
+    def do_POST(self):
+        self.fake.handle(self, "POST")
+
+    def do_DELETE(self):
+        self.fake.handle(self, "DELETE")
+
+
+class FakeEngine:
+    """Enough of the Engine API for ps, exec and run, on a UNIX socket (or TCP), in a thread.
+
+    ``faults`` names what goes wrong (see ``handle``); ``api_version`` is the /_ping header
+    (None: no header) and versions outside [min_version, api_version] are refused as
+    Docker refuses them.  ``requests`` records (method, version, path) of every request.
+    """
+
+    def __init__(self, faults=(), api_version="1.41", min_version="1.12", tcp=False,
+                 exec_code=0, output=b"hello from the fake\n"):
+        self.faults = set(faults)
+        self.api_version = api_version
+        self.min_version = min_version
+        self.exec_code = exec_code
+        self.output = output
+        self.requests = []
+        self.containers = {}
+        self.execs = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.folder = tempfile.mkdtemp(prefix="convox-fake-")
+        handler = type("Handler", (FakeEngineHandler,), {"fake": self})
+        if tcp:
+            self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+            self.url = "tcp://127.0.0.1:%d" % self.server.server_address[1]
+        else:
+            path = os.path.join(self.folder, "engine.sock")
+            self.server = socketserver.ThreadingUnixStreamServer(path, handler)
+            self.url = "unix://" + path
+        self.server.daemon_threads = True
+        # A client that goes away mid-reply is what these tests do; not worth a traceback
+        # (which would land in the stderr a fuzz case captures).
+        self.server.handle_error = lambda request, address: None
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,))
+        self.thread.daemon = True
+        self.thread.start()
+
+    def close(self):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def add_container(self, app, service, labels=None, name=None, running=True,
+                      command=("sleep", "3600"), memory=0, kind=None):
+        ident = os.urandom(32).hex()
+        all_labels = {convox.LABEL_APP: app, convox.LABEL_SERVICE: service}
+        if kind:
+            all_labels[convox.LABEL_TYPE] = kind
+        all_labels.update(labels or {})
+        self.containers[ident] = self._container(ident, name or "fake-%s" % ident[:6], {
+            "Image": "busybox", "Cmd": list(command), "Labels": all_labels, "Env": [],
+            "HostConfig": {"Memory": memory}}, running)
+        return ident
+
+    def _container(self, ident, name, config, running=False):
+        return {"Id": ident, "Name": name, "Config": config, "Running": running,
+                "Started": threading.Event(), "Exited": threading.Event(),
+                "Removed": threading.Event(), "ExitCode": None, "Created": time.time()}
+
+    def find(self, ref):
+        with self.lock:
+            for ident, c in self.containers.items():
+                if ref in (ident, c["Name"]) or (len(ref) >= 3 and ident.startswith(ref)):
+                    return c
+        return None
+
+    def summary(self, c):
+        config = c["Config"]
+        return {"Id": c["Id"], "Names": ["/" + c["Name"]], "Image": config.get("Image"),
+                "ImageID": "sha256:" + "0" * 64, "Command": " ".join(config.get("Cmd") or []),
+                "Created": int(c["Created"]), "Labels": config.get("Labels") or {},
+                "State": "running" if c["Running"] else "exited",
+                "Status": "Up" if c["Running"] else "Exited (%s)" % c["ExitCode"]}
+
+    def inspect(self, c):
+        config = dict(c["Config"])
+        command = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
+        started = "2024-01-01T00:00:00.000000000Z" if c["Started"].is_set() or \
+            c["Running"] else "0001-01-01T00:00:00Z"
+        return {"Id": c["Id"], "Name": "/" + c["Name"], "Image": "sha256:" + "0" * 64,
+                "Path": command[0] if command else "", "Args": command[1:],
+                "Created": "2024-01-01T00:00:00Z", "Config": config,
+                "HostConfig": config.get("HostConfig") or {},
+                "NetworkSettings": {"Networks": {}}, "Mounts": [],
+                "State": {"Status": "running" if c["Running"] else "exited",
+                          "Running": c["Running"], "ExitCode": c["ExitCode"] or 0,
+                          "StartedAt": started}}
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    def reply(self, handler, status, body=None, content_type="application/json",
+              headers=None):
+        if isinstance(body, (dict, list)):
+            data = json.dumps(body).encode("utf-8")
+        elif isinstance(body, str):
+            data = body.encode("utf-8")
+        else:
+            data = body or b""
+        handler.send_response(status)
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        if data or status not in (204, 304):
+            handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def upgrade(self, handler, tty=False):
+        """101 Switching Protocols: from here on the socket is a raw stream."""
+        kind = "raw-stream" if tty else "multiplexed-stream"
+        handler.connection.sendall(
+            b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker." +
+            kind.encode() + b"\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+        handler.close_connection = True
+
+    def reset(self, handler):
+        """Close at once, the request body unread: the client sees ECONNRESET (UNIX) or a
+        TCP RST (SO_LINGER 0), not an orderly end."""
+        sock = handler.connection
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.rfile.close()
+        handler.wfile.close()
+        sock.close()  # the last reference: the socket really closes, and resets
+        handler.wfile = io.BytesIO()  # what http.server still flushes goes nowhere
+        handler.close_connection = True
+
+    def hang(self, handler):
+        """A response that never comes (until the fake is closed)."""
+        self.stopping.wait(120)
+        handler.close_connection = True
+
+    def handle(self, handler, method):
+        parts = urllib.parse.urlsplit(handler.path)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        match = re.match(r"/v([0-9][0-9.]*)(/.*)", parts.path)
+        version, path = match.groups() if match else (None, parts.path)
+        self.requests.append((method, version, path))
+        fault = lambda name: name in self.faults  # noqa: E731
+        if fault("reset-upgrade") and path.endswith("/start") and path.startswith("/exec/"):
+            return self.reset(handler)
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw.decode("utf-8")) if raw else {}
+        except ValueError:
+            body = {}
+        if version is not None:
+            number = convox._version_tuple(version)
+            if number < convox._version_tuple(self.min_version):
+                return self.reply(handler, 400, {"message": "client version %s is too old. "
+                                  "Minimum supported API version is %s, please upgrade your "
+                                  "client to a newer version" % (version, self.min_version)})
+            newest = convox._version_tuple(self.api_version or "")
+            if newest != (0,) and number > newest:
+                return self.reply(handler, 400, {"message": "client version %s is too new. "
+                                  "Maximum supported API version is %s" %
+                                  (version, self.api_version)})
+        if path == "/_ping":
+            if fault("never-ping"):
+                return self.hang(handler)
+            headers = {"API-Version": self.api_version} if self.api_version else {}
+            return self.reply(handler, 200, "OK", "text/plain; charset=utf-8", headers)
+        if fault("500-json") and method == "POST" and path.endswith("/exec"):
+            return self.reply(handler, 500, {"message": "cannot exec in a paused container"})
+        if fault("500-text") and method == "POST" and path.endswith("/exec"):
+            return self.reply(handler, 500, "<html>\n<h1>502 Bad Gateway</h1>\n</html>\n",
+                              "text/html")
+        if fault("never-exec-create") and method == "POST" and path.endswith("/exec"):
+            return self.hang(handler)
+        return self.route(handler, method, path, query, body)
+
+    def route(self, handler, method, path, query, body):
+        fault = lambda name: name in self.faults  # noqa: E731
+        if method == "GET" and path == "/containers/json":
+            with self.lock:
+                found = [self.summary(c) for c in self.containers.values()
+                         if query.get("all") == "1" or c["Running"]]
+            return self.reply(handler, 200, found)
+        if method == "POST" and path == "/containers/create":
+            if fault("no-create"):
+                return self.reply(handler, 500, {"message": "the fake makes no containers"})
+            ident = os.urandom(32).hex()
+            name = query.get("name") or "fake-" + ident[:6]
+            with self.lock:
+                self.containers[ident] = self._container(ident, name, body)
+            return self.reply(handler, 201, {"Id": ident, "Warnings": []})
+        match = re.match(r"/containers/([^/]+)(/[a-z]+)?$", path)
+        if match:
+            c = self.find(match.group(1))
+            if c is None:
+                return self.reply(handler, 404, {"message": "No such container: %s" %
+                                                 match.group(1)})
+            return self.container_route(handler, method, match.group(2) or "", c, query, body)
+        match = re.match(r"/exec/([^/]+)/([a-z]+)$", path)
+        if match and match.group(1) in self.execs:
+            record = self.execs[match.group(1)]
+            action = match.group(2)
+            if action == "start":
+                return self.exec_start(handler, record)
+            if action == "json":
+                if fault("500-inspect"):
+                    return self.reply(handler, 500, {"message": "exec inspect exploded"})
+                if fault("null-exit") or fault("running-forever"):
+                    return self.reply(handler, 200, {"ID": match.group(1), "ExitCode": None,
+                                                     "Running": fault("running-forever")})
+                return self.reply(handler, 200, {"ID": match.group(1), "Running": False,
+                                                 "ExitCode": self.exec_code})
+            if action == "resize":
+                return self.reply(handler, 201)
+        if re.match(r"/networks/", path):
+            return self.reply(handler, 200, {})
+        return self.reply(handler, 404, {"message": "page not found"})
+
+    def container_route(self, handler, method, action, c, query, body):
+        if method == "GET" and action == "/json":
+            return self.reply(handler, 200, self.inspect(c))
+        if method == "DELETE" and action == "":
+            with self.lock:
+                self.containers.pop(c["Id"], None)
+            c["Removed"].set()
+            c["Exited"].set()
+            return self.reply(handler, 204)
+        if method == "POST" and action == "/exec":
+            eid = os.urandom(32).hex()
+            self.execs[eid] = {"Id": eid, "Config": body, "Container": c}
+            return self.reply(handler, 201, {"Id": eid})
+        if method == "POST" and action == "/start":
+            c["Running"] = True
+            c["Started"].set()
+            return self.reply(handler, 204)
+        if method == "POST" and action in ("/kill", "/stop"):
+            number = getattr(signal, "SIG" + query.get("signal", "KILL"), signal.SIGKILL) \
+                if action == "/kill" else signal.SIGTERM
+            self.exit(c, 128 + int(number))
+            return self.reply(handler, 204)
+        if method == "POST" and action == "/resize":
+            return self.reply(handler, 200)
+        if method == "POST" and action == "/attach":
+            return self.attach(handler, c)
+        if method == "POST" and action == "/wait":
+            return self.wait(handler, c, query.get("condition"))
+        return self.reply(handler, 404, {"message": "page not found"})
+
+    def exit(self, c, code):
+        if c["ExitCode"] is None:
+            c["ExitCode"] = code
+        c["Running"] = False
+        c["Exited"].set()
+        if (c["Config"].get("HostConfig") or {}).get("AutoRemove"):
+            with self.lock:
+                self.containers.pop(c["Id"], None)
+            c["Removed"].set()
+
+    def stream_faults(self, handler, tty):
+        """The stream faults shared by exec and attach; True when one was played."""
+        sock = handler.connection
+        if "cut-mid-frame" in self.faults:
+            self.upgrade(handler, tty)
+            sock.sendall(frame(1, b"complete\n") + struct.pack(">BxxxL", 1, 100) + b"0123456789")
+            return True
+        if "bad-header" in self.faults:
+            self.upgrade(handler, tty)
+            sock.sendall(frame(1, b"fine so far\n") + b"\x07\0\0\0\0\0\0\x01x")
+            return True
+        if "error-frame" in self.faults:
+            self.upgrade(handler, tty)
+            sock.sendall(frame(3, b"OCI runtime exec failed: boom\n"))
+            return True
+        if "reset-mid-stream" in self.faults:
+            self.upgrade(handler, tty)
+            sock.sendall(b"partial output" if tty else frame(1, b"partial output\n"))
+            time.sleep(0.2)
+            self.reset(handler)
+            return True
+        if "partial-head" in self.faults:
+            sock.sendall(b"HTTP/1.1 101 UPGR")
+            self.reset(handler)
+            return True
+        if "never-upgrade" in self.faults:
+            self.hang(handler)
+            return True
+        if "500-start" in self.faults:
+            self.reply(handler, 500, {"message": "container is restarting: wait until the "
+                                      "container is running"})
+            return True
+        return False
+
+    def exec_start(self, handler, record):
+        tty = bool(record["Config"].get("Tty"))
+        if self.stream_faults(handler, tty):
+            return
+        self.upgrade(handler, tty)
+        handler.connection.sendall(self.output if tty else frame(1, self.output))
+
+    def attach(self, handler, c):
+        tty = bool(c["Config"].get("Tty"))
+        if self.stream_faults(handler, tty):
+            if "cut-mid-frame" in self.faults:
+                c["Started"].wait(10)
+            return
+        self.upgrade(handler, tty)
+        if not c["Started"].wait(30):
+            return
+        handler.connection.sendall(self.output if tty else frame(1, self.output))
+        if (c["Config"].get("Cmd") or [""])[0] == "sleep":
+            c["Exited"].wait(30)  # until killed
+        self.exit(c, 0)
+
+    def wait(self, handler, c, condition):
+        if "wait-never" in self.faults and condition != "removed":
+            return self.hang(handler)
+        # As Docker does: the head goes out at once (the wait is set up), the body at exit.
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        handler.close_connection = True
+        if "wait-broken" in self.faults and condition != "removed":
+            return
+        event = c["Removed"] if condition == "removed" else c["Exited"]
+        while not event.wait(0.1):
+            if self.stopping.is_set():
+                return
+        data = json.dumps({"StatusCode": c["ExitCode"] or 0, "Error": None}).encode()
+        with contextlib.suppress(OSError):
+            handler.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+
+
+class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
+    """Faults of the engine (SPEC §8), from a fake one: each ends with one ERROR line and
+    status 125, never a traceback, never a hang, the terminal restored."""
+
+    APP = "fakeapp"
+
+    def fake(self, *faults, **options):
+        engine = FakeEngine(faults, **options)
+        self.addCleanup(engine.close)
+        engine.add_container(self.APP, "web")
+        return engine
+
+    def client(self, engine, *args, timeout=30, **env):
+        """convox.py as a subprocess against the fake; -> (status, stdout, stderr, seconds)."""
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, CONVOX, "-a", self.APP] + list(args), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+            env=client_env(engine.url, **env), cwd=HERE)
+        return result.returncode, result.stdout, result.stderr, time.monotonic() - started
+
+    def exec_fault(self, *faults, expect=125, tcp=False, args=("--no-tty", "web", "ls"),
+                   **env):
+        engine = self.fake(*faults, tcp=tcp)
+        status, out, err, seconds = self.client(engine, "exec", *args, **env)
+        self.assertCleanFailure(status, err, expect)
+        return engine, out, err, seconds
+
+    def test_stream_cut_mid_frame(self):
+        _, out, err, _ = self.exec_fault("cut-mid-frame")
+        self.assertEqual(out, b"complete\n0123456789")  # what arrived is not lost
+        self.assertIn(b"inside a frame", err)
+
+    def test_malformed_frame_header(self):
+        _, out, err, _ = self.exec_fault("bad-header")
+        self.assertEqual(out, b"fine so far\n")
+        self.assertIn(b"malformed stream frame header", err)
+
+    def test_engine_error_frame(self):
+        _, _, err, _ = self.exec_fault("error-frame")
+        self.assertIn(b"OCI runtime exec failed: boom", err)
+
+    def test_reset_during_upgrade(self):
+        for tcp in (False, True):
+            for fault in ("reset-upgrade", "partial-head"):
+                with self.subTest(fault=fault, tcp=tcp):
+                    self.exec_fault(fault, tcp=tcp)
+
+    def test_reset_mid_stream(self):
+        # A reset looks like an end; the exit code then decides (here the engine is fine).
+        for tcp in (False, True):
+            with self.subTest(tcp=tcp):
+                engine = self.fake("reset-mid-stream", "null-exit", tcp=tcp)
+                status, out, err, _ = self.client(engine, "exec", "--no-tty", "web", "ls")
+                self.assertCleanFailure(status, err)
+                self.assertEqual(out, b"partial output\n")
+
+    def test_exit_code_stays_null(self):
+        for fault in ("null-exit", "running-forever"):
+            with self.subTest(fault=fault):
+                _, out, err, seconds = self.exec_fault(fault)
+                self.assertEqual(out, b"hello from the fake\n")
+                self.assertIn(b"no exit status", err)
+                self.assertLess(seconds, 20)
+
+    def test_500_json_and_text(self):
+        _, _, err, _ = self.exec_fault("500-json")
+        self.assertEqual(err, b"ERROR: cannot exec in a paused container\n")
+        _, _, err, _ = self.exec_fault("500-text")
+        self.assertIn(b"502 Bad Gateway", err)
+        _, _, err, _ = self.exec_fault("500-start")
+        self.assertIn(b"container is restarting", err)
+        _, _, err, _ = self.exec_fault("500-inspect")
+        self.assertIn(b"exec inspect exploded", err)
+
+    def test_response_never_comes(self):
+        for fault in ("never-ping", "never-exec-create", "never-upgrade"):
+            with self.subTest(fault=fault):
+                _, _, err, seconds = self.exec_fault(fault, CONVOX_TIMEOUT="1.5")
+                self.assertIn(b"did not answer", err)
+                self.assertLess(seconds, 15)
+
+    def test_timeout_setting(self):
+        engine = self.fake()
+        status, _, err, _ = self.client(engine, "ps", CONVOX_TIMEOUT="soon")
+        self.assertCleanFailure(status, err, 2)
+        self.assertIn(b"CONVOX_TIMEOUT", err)
+
+    def test_api_versions(self):
+        # Newer than we know, and still serving ours: it works, at our newest version.
+        engine = self.fake(api_version="1.99")
+        status, out, err, _ = self.client(engine, "exec", "--no-tty", "web", "ls")
+        self.assertEqual((status, out, err), (0, b"hello from the fake\n", b""))
+        self.assertEqual({v for _, v, p in engine.requests if p != "/_ping"},
+                         {convox.API_VERSION_MAX})
+        # A header that is not a version is no header: 1.24, the oldest, not "/vbanana/".
+        engine = self.fake(api_version="banäna")
+        status, out, err, _ = self.client(engine, "exec", "--no-tty", "web", "ls")
+        self.assertEqual((status, out, err), (0, b"hello from the fake\n", b""))
+        self.assertEqual({v for _, v, p in engine.requests if p != "/_ping"}, {"1.24"})
+        # Newer, and no longer serving ours; no header at all (1.24) on an engine whose
+        # minimum is above it; garbage on an engine that serves only new versions.
+        for api, minimum in (("1.99", "1.50"), (None, "1.40"), ("x.y", "1.40")):
+            with self.subTest(api=api, minimum=minimum):
+                engine = self.fake(api_version=api, min_version=minimum)
+                status, _, err, _ = self.client(engine, "exec", "--no-tty", "web", "ls")
+                self.assertCleanFailure(status, err)
+                status, _, err, _ = self.client(engine, "ps")
+                self.assertCleanFailure(status, err, 1)
+
+    def test_run_faults(self):
+        for faults in (("cut-mid-frame",), ("wait-broken",), ("wait-never",),
+                       ("bad-header",), ("reset-mid-stream",)):
+            with self.subTest(faults=faults):
+                engine = self.fake(*faults)
+                status, _, err, seconds = self.client(
+                    engine, "run", "--no-tty", "--timeout", "0", "web", "echo", "hi",
+                    CONVOX_TIMEOUT="1.5")
+                self.assertCleanFailure(status, err)
+                self.assertLess(seconds, 15)
+                # The one-off is removed on the way out.
+                created = [p for m, _, p in engine.requests if p == "/containers/create"]
+                self.assertEqual(len(created), 1)
+                removed = [c for c in engine.containers.values()
+                           if c["Config"].get("Labels", {}).get(convox.LABEL_TYPE) == "process"]
+                self.assertEqual(removed, [])
+
+    def test_run_works_against_the_fake(self):
+        engine = self.fake()
+        status, out, err, _ = self.client(engine, "run", "--no-tty", "web", "echo", "hi")
+        self.assertEqual((status, out, err), (0, b"hello from the fake\n", b""))
+
+    def test_terminal_restored_after_faults(self):
+        for faults in (("null-exit",), ("500-start",), ("reset-mid-stream", "500-inspect")):
+            with self.subTest(faults=faults):
+                engine = self.fake(*faults)
+                env = {"CONVOX_RACK": engine.url, "DOCKER_HOST": engine.url}
+                term = PtySession(["-a", self.APP, "exec", "--tty", "web", "sh"], env=env)
+                self.addCleanup(term.close)
+                before = term.attrs()
+                status = term.wait(30)
+                self.assertEqual(term.attrs(), before)
+                text = term.output.decode("utf-8", "replace")
+                self.assertNotIn("Traceback", text)
+                self.assertEqual(status, 125, text)
+                # Raw output may leave the cursor mid-line, as with docker exec: the error
+                # is the one last thing printed, not necessarily at a line's start.
+                self.assertEqual(text.count("ERROR: "), 1, text)
+                self.assertRegex(text, r"ERROR: [^\n]+\r?\n$")
+
+
+# -- real faults: the engine killed, the kernel's OOM killer, a container killed -------------
+
+class PrivateDockerd:
+    """A second dockerd of our own, to kill mid-session.
+
+    It runs in a network namespace of its own (``unshare --net``): with --bridge=none a
+    dockerd deletes the host's docker0, which would cut off the engine everyone else uses.
+    """
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="convox-test-dockerd2-")
+        self.sock = os.path.join(self.folder, "docker.sock")
+        self.rack_url = "unix://" + self.sock
+        self.proc = None
+        self.engine = None
+
+    def start(self, timeout=60):
+        log = open(os.path.join(self.folder, "dockerd.log"), "ab")
+        self.proc = subprocess.Popen(
+            ["unshare", "--net", "--", shutil.which("dockerd"),
+             "--data-root", os.path.join(self.folder, "data"),
+             "--exec-root", os.path.join(self.folder, "exec"),
+             "--pidfile", os.path.join(self.folder, "dockerd.pid"),
+             "-H", self.rack_url, "--bridge=none", "--iptables=false"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        for _ in deadline_loop(timeout, 0.2):
+            if self.proc.poll() is not None:
+                break
+            if os.path.exists(self.sock):
+                engine = convox.Engine(convox.parse_rack(self.rack_url, {}), {})
+                try:
+                    engine.api_version()
+                    self.engine = engine
+                    return engine
+                except convox.ConvoxError:
+                    engine.close()
+        raise RuntimeError("the private dockerd did not start: %s" % self.log_tail())
+
+    def log_tail(self):
+        with open(os.path.join(self.folder, "dockerd.log"), "rb") as handle:
+            return handle.read()[-2000:].decode("utf-8", "replace")
+
+    def kill(self):
+        """SIGKILL, as an OOM killer or a crash would end it."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.engine.close()
+        # Its containerd dies with it (parent-death signal), but may linger as a zombie
+        # that nobody reaps; a restart would take that for a live containerd and wait for it.
+        pidfile = os.path.join(self.folder, "exec", "containerd", "containerd.pid")
+        with contextlib.suppress(OSError, ValueError):
+            with open(pidfile) as handle:
+                os.kill(int(handle.read().strip()), signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.unlink(pidfile)
+
+    def cleanup(self):
+        """Leave nothing: restarted, it stops what ran (no live-restore), then the
+        containers go through the API, the daemon stops, and stragglers are killed."""
+        try:
+            if self.proc is None or self.proc.poll() is not None:
+                self.start()
+            for summary in self.engine.containers(all=True):
+                self.engine.remove(summary["Id"])
+            self.engine.close()
+            self.proc.terminate()
+            self.proc.wait(30)
+        except Exception as exc:  # noqa: BLE001 - fall back to killing what is left
+            sys.stderr.write("test: private dockerd cleanup: %s\n" % exc)
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(10)
+        for pid in self.stragglers():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with open("/proc/self/mounts") as handle:
+            mounts = [line.split()[1] for line in handle]
+        for mount in sorted((m for m in mounts if m.startswith(self.folder)), reverse=True):
+            subprocess.run(["umount", "-l", mount], stderr=subprocess.DEVNULL, timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def stragglers(self):
+        """Processes that name our folder: its containerd and shims, if any outlived it."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    if self.folder.encode() in handle.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+        return found
+
+
+def read_until(proc, needle, timeout=30):
+    """Read a subprocess's stdout until ``needle`` shows; -> what was read."""
+    data = b""
+    fd = proc.stdout.fileno()
+    for _ in deadline_loop(timeout, 0):
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+            if needle in data:
+                return data
+    raise AssertionError("%r not seen within %ss; got %r" % (needle, timeout, data))
+
+
+class EngineDeathTest(ReliabilityChecks, TerminalTestCase):
+    """Real faults on real engines (SPEC §8): the engine dies, the kernel kills."""
+
+    def test_engine_killed_mid_session(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to start a second dockerd")
+        if not (shutil.which("dockerd") and shutil.which("unshare")):
+            self.skipTest("needs dockerd and unshare: " + INSTALL_HINT)
+        private = PrivateDockerd()
+        self.addCleanup(private.cleanup)
+        builder = Harness()
+        builder.engine = private.start()
+        builder._build_image()
+        app = app_name("death")
+        ident = builder.engine.create_container({
+            "Image": builder.image, "Cmd": ["sleep", "3600"],
+            "Labels": {TEST_LABEL: RUN_ID, convox.LABEL_APP: app, convox.LABEL_SERVICE: "web"},
+            "HostConfig": {"Init": True, "NetworkMode": "none"}})["Id"]
+        builder.engine.start(ident)
+        for verb in ("exec", "run"):
+            with self.subTest(verb=verb):
+                if private.proc.poll() is not None:
+                    private.start()
+                proc = subprocess.Popen(
+                    [sys.executable, CONVOX, "-a", app, verb, "--no-tty", "web", "sh", "-c",
+                     "echo started; exec cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, env=client_env(private.rack_url))
+                self.addCleanup(lambda p=proc: p.poll() is None and p.kill())
+                read_until(proc, b"started")
+                private.kill()
+                started = time.monotonic()
+                try:
+                    _, err = proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    self.fail("%s did not end within 10 s of the engine's death" % verb)
+                sys.stderr.write("figures: engine killed mid-%s: client ended in %.2f s\n"
+                                 % (verb, time.monotonic() - started))
+                self.assertCleanFailure(proc.returncode, err)
+
+    def test_oom_killed_mid_stream(self):
+        app = app_name("oom")
+        self.container(app, "web", memory=16)
+        script = "echo before; exec tail /dev/zero"  # tail keeps one endless line in memory
+        for argv in (["exec", "web"], ["run", "--memory", "16", "web"]):
+            with self.subTest(argv=argv):
+                result = self.convox("-a", app, *argv, "sh", "-c", script)
+                self.assertEqual((result.returncode, result.stdout), (137, b"before\n"),
+                                 result.stderr)
+                self.assertNotIn(b"ERROR", result.stderr)
+        self.assertNoneLeft(app)
+
+    def test_container_killed_in_tty_mode(self):
+        app = app_name("ttykill")
+        ident = self.container(app, "web")
+        for verb in ("exec", "run"):
+            with self.subTest(verb=verb):
+                term = self.pty("-a", app, verb, "--tty", "web", "sh")
+                term.expect(r"# ")
+                self.assertNotEqual(term.attrs(), term.initial_attrs)  # raw while attached
+                if verb == "exec":
+                    self.engine.kill(ident)
+                else:
+                    for summary in self.processes_of(app, "process"):
+                        self.engine.kill(summary["Id"])
+                status = term.wait(30)
+                self.assertEqual(term.attrs(), term.initial_attrs)
+                self.assertNotEqual(status, 0, term.output)
+                self.assertNotIn(b"Traceback", term.output)
+                self.assertLessEqual(term.output.count(b"ERROR: "), 1, term.output)
+        self.assertNoneLeft(app)
+
+
+# -- signals at random moments --------------------------------------------------------------
+
+class SignalTrialsTest(ReliabilityChecks, TerminalTestCase):
+    """SIGINT, SIGTERM and SIGHUP sent to an attached ``convox run`` at random moments
+    (while it starts up, creates, starts, streams): nothing left behind, a non-zero
+    status, the terminal as it was."""
+
+    TRIALS = 30 if SLOW else 5
+    SCRIPT = "echo ready; sleep 10"  # long enough that a lost signal shows as a 0 status
+
+    def trial(self, app, signum, delay, under_pty):
+        """-> (status, output) of one run signalled after ``delay`` seconds."""
+        argv = ["-a", app, "run", "web", "sh", "-c", self.SCRIPT]
+        if under_pty:
+            term = self.pty(*argv)
+            time.sleep(delay)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(term.proc.pid, signum)
+            status = term.wait(40)
+            self.assertEqual(term.attrs(), term.initial_attrs, term.output)
+            return status, term.output
+        proc = subprocess.Popen([sys.executable, CONVOX] + argv[:3] + ["--no-tty"] + argv[3:],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=HARNESS.env(), cwd=HERE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        time.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+        output, _ = proc.communicate(timeout=40)
+        return proc.returncode, output
+
+    def test_signals_at_random_moments(self):
+        rng = random.Random(printed_seed("signal trials"))
+        app = app_name("signals")
+        self.container(app, "web")
+        outcomes = {}
+        interrupted_at_startup = 0
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name)
+            for number in range(self.TRIALS):
+                delay = round(rng.uniform(0.0, 1.5), 3)
+                under_pty = number % 2 == 0
+                with self.subTest(signal=name, trial=number, delay=delay, pty=under_pty):
+                    status, output = self.trial(app, signum, delay, under_pty)
+                    outcomes.setdefault(name, []).append(status)
+                    self.assertNotEqual(status, 0, output)
+                    if b"Traceback" in output:
+                        self.assertStartupInterrupt(output)
+                        interrupted_at_startup += 1
+                    self.assertNotIn(b"report it", output)
+                    self.assertNoneLeft(app)
+        sys.stderr.write("figures: signal trials: %s; %d interrupted Python's startup\n" % (
+            ", ".join("%s %d (statuses %s)" % (k, len(v), sorted(set(v)))
+                      for k, v in outcomes.items()), interrupted_at_startup))
+
+    def assertStartupInterrupt(self, output):
+        """A traceback is Python's own only: a SIGINT while it compiles convox.py, before
+        the file's first lines set Ctrl-C aside until main() runs."""
+        with open(CONVOX) as handle:
+            guard = next(number for number, line in enumerate(handle, 1)
+                         if "signal.signal(signal.SIGINT, signal.SIG_DFL)" in line)
+        self.assertIn(b"KeyboardInterrupt", output)
+        lines = [int(n) for n in re.findall(rb'convox\.py", line (\d+)', output)]
+        self.assertTrue(all(n <= guard for n in lines), output)
+
+
+# -- bad input, generated -------------------------------------------------------------------
+
+class CaseHung(BaseException):
+    """Raised by SIGALRM in a fuzz case that ran past its limit (BaseException: main()
+    must not turn it into an ERROR line)."""
+
+
+def open_fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+#: Seeds for the manifest mutations: the manifests of SPEC §7, both kinds.
+CONVOX_YML_SEED = """\
+environment:
+  - GREETING=hello
+  - SECRET
+services:
+  web:
+    build: .
+    port: 5000
+    command: bin/web --port 5000
+    environment:
+      - MODE=web
+    scale:
+      memory: 256
+    volumes:
+      - /data
+  worker:
+    image: busybox
+    command: ["sh", "-c", "echo ${GREETING}"]
+    links:
+      - web
+    environment: [A=1, B]
+"""
+
+COMPOSE_SEED = """\
+services:
+  web:
+    build:
+      context: .
+      dockerfile: Dockerfile
+      args:
+        VERSION: "1.0"
+    ports:
+      - "127.0.0.1:8080:80"
+    command: >
+      httpd -f
+      -p 80
+    environment:
+      MODE: web
+      QUOTED: 'it''s'
+    env_file: .env
+    depends_on: [db]
+    mem_limit: 64m
+  db:
+    image: "busybox:latest"
+    entrypoint: |
+      sh -c
+    command: {a: 1}
+"""
+
+
+class FuzzTest(ReliabilityChecks, EngineTestCase):
+    """Generated bad input (SPEC §8): the tool works or prints one ERROR line; never a
+    traceback, never a hang.  Most cases run in-process through main()."""
+
+    CASES = 2000 if SLOW else 200
+    BUDGET = 300 if SLOW else 90  # seconds for all of a test's cases
+    CASE_LIMIT = 20               # seconds for one case: past it, a hang
+
+    @classmethod
+    def setUpClass(cls):
+        try:
+            super().setUpClass()
+        except unittest.SkipTest:
+            cls.engine = None  # only the label fuzz needs the real engine
+
+    def setUp(self):
+        self.rng = random.Random(printed_seed(self.id().rsplit(".", 1)[-1]))
+        null = os.open(os.devnull, os.O_RDWR)
+        self.addCleanup(os.close, null)
+        self.stdio = convox.Stdio(null, null, null)
+        folder = tempfile.mkdtemp(prefix="convox-fuzz-")  # no manifest, no .convox/app
+        self.addCleanup(shutil.rmtree, folder, True)
+        cwd = os.getcwd()
+        os.chdir(folder)
+        self.addCleanup(os.chdir, cwd)
+        self.folder = folder
+        self.started = time.monotonic()
+        self.counts = {}
+        previous = signal.signal(signal.SIGALRM, self._hung)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+
+    def _hung(self, signum, frame):
+        raise CaseHung()
+
+    def main(self, argv, environ):
+        """One case in-process: -> (status, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        signal.setitimer(signal.ITIMER_REAL, self.CASE_LIMIT)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = convox.main(argv, environ, stdio=self.stdio)
+        except CaseHung:
+            self.fail("hung: main(%r) with %r" % (argv, environ))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return status, out.getvalue(), err.getvalue()
+
+    def check(self, kind, argv, environ, status, out, err):
+        """Works (no ERROR) or fails with one ERROR line last and a non-zero status."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        short = [os.fsdecode(w) for w in argv]
+        short = [w[:60] + ("...(%d)" % len(w) if len(w) > 60 else "") for w in short]
+        where = "%s case: argv=%r env=%r -> %r\nstdout=%r\nstderr=%r" % (
+            kind, short, environ, status, out[-500:], err[-1000:])
+        self.assertNotIn("Traceback", err, where)
+        self.assertNotIn("report it", err, where)
+        self.assertIsInstance(status, int, where)
+        if "ERROR: " in err:
+            lines = err.splitlines()
+            self.assertTrue(lines[-1].startswith("ERROR: "), where)
+            self.assertEqual(sum(l.startswith("ERROR: ") for l in lines), 1, where)
+            self.assertNotEqual(status, 0, where)
+        else:
+            self.assertIn(status, (0, 2), where)  # 2: no verb, help printed
+        self.assertLess(time.monotonic() - self.started, self.BUDGET, "fuzz budget spent")
+
+    def report(self, name):
+        sys.stderr.write("figures: %s: %s cases in %.1f s\n" % (
+            name, ", ".join("%s %d" % kv for kv in sorted(self.counts.items())),
+            time.monotonic() - self.started))
+
+    # -- generators ------------------------------------------------------------------------
+
+    ODD = ["", " ", "-", "--", "---", "=", "-=", "--=x", "web", "worker", "WEB", "0", "-1",
+           "99999999999999999999999", "1e3", "nan", "inf", "٣", "²", "ünïcödé", "🚀",
+           "\u202eevil", "a b", "a\tb", "a\nb", "\x1b[31m", "%s%n", "{}", "${HOME}", "../..",
+           "/", "?x=1", "#frag", "a/b", "\udcff", "'", '"', "\\", "*", "web:1", "ctrl-p,x"]
+
+    def word(self):
+        rng = self.rng
+        pick = rng.random()
+        if pick < 0.45:
+            return rng.choice(self.ODD)
+        if pick < 0.7:
+            return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+                           for _ in range(rng.randint(1, 12)))
+        if pick < 0.9:
+            return "".join(chr(rng.choice([rng.randint(32, 126), rng.randint(0xa0, 0x2fff),
+                                           rng.randint(0x1f300, 0x1f6ff), rng.randint(1, 31)]))
+                           for _ in range(rng.randint(1, 8)))
+        return rng.choice("xé🚀") * rng.choice([1000, 100000, 1000000])  # huge
+
+    def options(self):
+        if not hasattr(self, "_options"):
+            parser = convox.build_parser()
+            found = set()
+            for sub in [parser] + list(parser._subparsers._group_actions[0].choices.values()):
+                for action in sub._actions:
+                    found.update(action.option_strings)
+            self._options = sorted(found) + ["--no-such-option", "-Z", "-aweb", "--app=",
+                                             "--rack=", "--timeout=-5", "--memory=0",
+                                             "--entrypoint=maybe", "--format=xml"]
+        return self._options
+
+    def argv(self):
+        rng = self.rng
+        words = []
+        for _ in range(rng.randint(0, 2)):
+            words += [rng.choice(["-a", "--app", "-r", "--rack"]), self.word()]
+        words.append(rng.choice(["ps", "exec", "run", "start", "ps", "exec", "run",
+                                 self.word()]) if rng.random() < 0.95 else "--help")
+        for _ in range(rng.randint(0, 6)):
+            roll = rng.random()
+            if roll < 0.4:
+                words.append(rng.choice(self.options()))
+            elif roll < 0.5:
+                words += ["info", self.word()] if rng.random() < 0.5 else ["stop", self.word()]
+            else:
+                words.append(self.word())
+        return words
+
+    def environ(self, rack):
+        rng = self.rng
+        env = {"CONVOX_RACK": rack}
+        for key, values in (("CONVOX_APP", ["fakeapp", "", None]),
+                            ("DOCKER_API_VERSION", ["1.41", "1.24", "9.99", "banana", "",
+                                                    "1.4\u00b9", "1/../2", None]),
+                            ("CONVOX_TIMEOUT", ["5", "0", "-1", "nan", "inf", "1e-9", "x",
+                                                None]),
+                            ("NO_COLOR", ["1", None])):
+            value = rng.choice(values + [None] * 6)
+            if value is None:
+                continue
+            env[key] = value if value != "" else self.word()
+        return env
+
+    def rack_url(self):
+        rng = self.rng
+        scheme = rng.choice(["unix", "tcp", "http", "https", "ssh", "ftp", "TCP", "", "unix:",
+                             "tcp:/", self.word()])
+        sep = rng.choice(["://", "://", ":/", "//", ":", ""])
+        host = rng.choice(["127.0.0.1", "[::1]", "localhost", "", "[", "::1", "[::1",
+                           "256.256.256.256", "ünï.invalid", "xn--.invalid", "a..b.invalid",
+                           "a" * 300 + ".invalid", "host.invalid", "/tmp/nowhere.sock",
+                           "/tmp/\0nul.sock", "/" + "x" * 200, "\udcff.invalid"])
+        port = rng.choice(["", ":1", ":0", ":65536", ":²", ":٣", ":-1", ":abc", ":2375",
+                           ":99999999999999999999", ":" + self.word()])
+        tail = rng.choice(["", "", "/", "/path", "?x", "#y", " "])
+        return scheme + sep + host + port + tail
+
+    # -- the fuzz loops --------------------------------------------------------------------
+
+    def fake_for_fuzz(self):
+        fake = FakeEngine(faults={"no-create"})
+        self.addCleanup(fake.close)
+        fake.add_container("fakeapp", "web")
+        fake.add_container("fakeapp", "worker", labels={convox.LABEL_RELEASE: "RABC"})
+        fake.add_container("fakeapp", "web", kind="process", name="fakeapp-web-run-1")
+        return fake
+
+    def test_argv_and_environment(self):
+        before = open_fds()  # before the fake, whose own sockets live in this process
+        fake = self.fake_for_fuzz()
+        count = self.CASES * 6 // 10
+        for _ in range(count):
+            argv, env = self.argv(), self.environ(fake.url)
+            self.check("argv", argv, env, *self.main(argv, env))
+        fake.close()
+        for _ in deadline_loop(5):  # the fake's last handler threads close their sockets
+            if open_fds() == before:
+                break
+        self.assertEqual(open_fds(), before, "file descriptors leaked")
+        self.report("argv fuzz")
+
+    def test_rack_urls(self):
+        count = self.CASES * 2 // 10
+        for _ in range(count):
+            url = self.rack_url()
+            argv = ["--rack", url, self.rng.choice(["ps", "exec", "run"]), "web", "true"]
+            if argv[2] == "ps":
+                argv = argv[:3]
+            env = {"DOCKER_TLS_VERIFY": self.rng.choice(["", "1"]),
+                   "DOCKER_CERT_PATH": self.folder, "CONVOX_TIMEOUT": "5"}
+            self.check("rack", argv, env, *self.main(argv, env))
+        self.report("rack fuzz")
+
+    def test_argv_bytes_in_a_subprocess(self):
+        # What only a real process shows: argv that is not UTF-8, a C locale, real pipes.
+        fake = self.fake_for_fuzz()
+        count = max(10, self.CASES // 20)
+        for _ in range(count):
+            argv = [w if len(w) < 10000 else w[:10000] for w in self.argv()]
+            args = [os.fsencode(w) if "\udcff" in w else w.encode("utf-8", "surrogatepass")
+                    for w in argv]
+            args = [a.replace(b"\0", b"") for a in args]
+            env = client_env(fake.url, LC_ALL="C", LANG="C", PYTHONIOENCODING="",
+                             CONVOX_TIMEOUT="5")
+            result = subprocess.run([sys.executable.encode(), os.fsencode(CONVOX)] + args,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, timeout=60, env=env,
+                                    cwd=self.folder)
+            self.check("subprocess", args, {}, result.returncode,
+                       result.stdout.decode("utf-8", "replace"),
+                       result.stderr.decode("utf-8", "replace"))
+        self.report("subprocess fuzz")
+
+    def mutate(self, text):
+        rng = self.rng
+        lines = text.splitlines()
+        tokens = [":", "-", "- ", "[", "]", "{", "}", "'", '"', "|", ">", "&a", "*a", "!!str",
+                  "%YAML", "${", "${A:-x}", "${A?}", "\t", "ü", "#", "---", "...", "? ",
+                  "key: value", "  - item", "\\", "0o7", "0x", ".inf", "~", ": :", "\x00"]
+        for _ in range(rng.randint(1, 4)):
+            if not lines:
+                lines = [rng.choice(tokens)]
+            index = rng.randrange(len(lines))
+            op = rng.randrange(8)
+            if op == 0:
+                del lines[index]
+            elif op == 1:
+                lines.insert(index, lines[index])
+            elif op == 2:
+                lines[index] = rng.choice(["  ", " ", "\t", "    "]) + lines[index]
+            elif op == 3:
+                lines[index] = lines[index].lstrip()
+            elif op == 4:
+                other = rng.randrange(len(lines))
+                lines[index], lines[other] = lines[other], lines[index]
+            elif op == 5:
+                at = rng.randint(0, len(lines[index]))
+                lines[index] = lines[index][:at] + rng.choice(tokens) + lines[index][at:]
+            elif op == 6:
+                lines[index] = lines[index][:rng.randint(0, len(lines[index]))]
+            else:
+                lines.insert(index, self.word()[:200])
+        return "\n".join(lines) + rng.choice(["\n", "", "\n\n", "\r\n"])
+
+    def test_mutated_manifests(self):
+        count = self.CASES * 2 // 10
+        with open(os.path.join(self.folder, "Dockerfile"), "w") as handle:
+            handle.write("FROM busybox\n")
+        with open(os.path.join(self.folder, ".env"), "w") as handle:
+            handle.write("SECRET=s\n")
+        use_start = hasattr(convox, "cmd_start")
+        if not use_start and not hasattr(convox, "parse_yaml"):
+            self.skipTest("neither convox start nor parse_yaml exists yet")
+        for number in range(count):
+            seed = CONVOX_YML_SEED if number % 2 else COMPOSE_SEED
+            text = self.mutate(seed)
+            name = "convox.yml" if number % 2 else "docker-compose.yml"
+            path = os.path.join(self.folder, name)
+            with open(path, "w", encoding="utf-8", errors="surrogatepass") as handle:
+                handle.write(text)
+            if use_start:
+                # No engine answers: the manifest is all there is to go wrong, and nothing
+                # can run.
+                argv = ["-a", "fuzzapp", "start", "-m", path]
+                env = {"CONVOX_RACK": "unix://%s/no-engine.sock" % self.folder}
+                self.check("manifest", argv, env, *self.main(argv, env))
+                continue
+            self.counts["manifest"] = self.counts.get("manifest", 0) + 1
+            signal.setitimer(signal.ITIMER_REAL, self.CASE_LIMIT)
+            try:
+                convox.parse_yaml(text, name)
+            except convox.ConvoxError as exc:
+                self.assertTrue(str(exc).startswith(name), (str(exc), text))
+            except CaseHung:
+                self.fail("parse_yaml hung on %r" % text)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        self.report("manifest fuzz (%s)" % ("start" if use_start else "parse_yaml"))
+
+    ODD_LABELS = ["", " ", "web\nworker", "tab\there", "\x1b]0;pwned\x07", "\x1b[2J",
+                  "ünïcödé", "🚀🚀", "\u202eright-to-left", "a" * 300, "=", "a=b=c",
+                  "null", "true", "0", "-", "--all", "'quoted'", '"dq"', "\\", "\r", "\x00x"]
+
+    def test_odd_label_values(self):
+        if self.engine is None:
+            self.skipTest("real engine unavailable: %s" % HARNESS.problem)
+        rng = self.rng
+        app = app_name("labels")
+        made = []
+        for index in range(12):
+            def odd():
+                return rng.choice(self.ODD_LABELS + [self.word()[:300]]).replace("\0", "")
+            labels = {convox.LABEL_RELEASE: odd(),
+                      convox.LABEL_TYPE: rng.choice(["process", "service", "", odd()]),
+                      odd() or "empty-key": odd(), "x.%d" % index: odd()}
+            service = odd() if index % 3 else rng.choice(["web", ""])
+            if rng.random() < 0.3:
+                ident = self.container(app, service or "svc", compose=True, labels=labels,
+                                       memory=rng.choice([None, 7, 4096]))
+            else:
+                labels[convox.LABEL_SERVICE] = service
+                ident = self.container(app, "placeholder", labels=labels,
+                                       memory=rng.choice([None, 7, 4096]))
+            made.append(ident)
+        env = {"CONVOX_RACK": HARNESS.rack_url}
+        cases = max(20, self.CASES // 10)
+        for number in range(cases):
+            variant = rng.choice([[], ["--all"], ["--format", "json"], ["--all", "--format",
+                                 "json"], ["info", rng.choice(made)[:12]],
+                                  ["-s", rng.choice(self.ODD_LABELS + ["web"])],
+                                  ["--release", rng.choice(self.ODD_LABELS)]])
+            argv = ["-a", app, "ps"] + variant
+            status, out, err = self.main(argv, env)
+            self.check("labels", argv, env, status, out, err)
+            if status:
+                continue
+            if variant[:1] == ["info"]:
+                self.assertEqual(len(out.splitlines()), 9, out)
+                self.assertFalse(re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", out), out)
+                continue
+            if "json" in variant:
+                data = json.loads(out)
+                for entry in data:
+                    info = self.engine.inspect(entry["id"])
+                    self.assertEqual(entry["name"], convox.identity(
+                        info["Config"]["Labels"])[1])
+                continue
+            lines = out.splitlines()
+            shown = self.processes_of(app) if "--all" in variant else [
+                s for s in self.processes_of(app) if s["State"] == "running"]
+            if len(variant) <= 1:  # all of the app's processes, one line each
+                self.assertEqual(len(lines), len(shown) + 1, out)
+            self.assertFalse(re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", out), out)
+        self.report("label fuzz")
+
+
+# -- load -----------------------------------------------------------------------------------
+
+class LoadTest(ReliabilityChecks, EngineTestCase):
+    """Many clients at once, many sessions in a row: every byte arrives, nothing leaks."""
+
+    CLIENTS = 50 if SLOW else 8
+    PAYLOAD = 4 * 1024 * 1024
+    ROUND_TRIPS = 500 if SLOW else 100
+
+    def test_concurrent_exec_clients(self):
+        app = app_name("load")
+        ident = self.container(app, "web")
+        folder = tempfile.mkdtemp(prefix="convox-load-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        clients = []
+        for number in range(self.CLIENTS):
+            data = os.urandom(self.PAYLOAD)
+            paths = [os.path.join(folder, "%d.%s" % (number, k)) for k in ("in", "out", "err")]
+            with open(paths[0], "wb") as handle:
+                handle.write(data)
+            clients.append((hashlib.sha256(data).hexdigest(), paths))
+        started = time.monotonic()
+        procs = []
+        for _, (source, target, errors) in clients:
+            with open(source, "rb") as stdin, open(target, "wb") as stdout, \
+                    open(errors, "wb") as stderr:
+                procs.append(subprocess.Popen(
+                    [sys.executable, CONVOX, "-a", app, "exec", "--no-tty", ident[:12], "cat"],
+                    stdin=stdin, stdout=stdout, stderr=stderr, env=HARNESS.env(), cwd=HERE))
+        for proc in procs:
+            self.addCleanup(lambda p=proc: p.poll() is None and p.kill())
+        deadline = time.monotonic() + (900 if SLOW else 300)
+        for proc in procs:
+            proc.wait(max(1, deadline - time.monotonic()))
+        seconds = time.monotonic() - started
+        for proc, (digest, (_, target, errors)) in zip(procs, clients):
+            with open(errors, "rb") as handle:
+                self.assertEqual((proc.returncode, handle.read()), (0, b""))
+            with open(target, "rb") as handle:
+                self.assertEqual(hashlib.sha256(handle.read()).hexdigest(), digest)
+        sys.stderr.write("figures: load: %d concurrent exec clients moved %d MiB each way in "
+                         "%.1f s, all sha256-equal\n" % (
+                             self.CLIENTS, self.CLIENTS * self.PAYLOAD >> 20, seconds))
+
+    def test_sequential_round_trips_leak_nothing(self):
+        app = app_name("trips")
+        ident = self.container(app, "web")
+        null = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, null)
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        stdio = convox.Stdio(null, write_end, write_end)
+        env = {"CONVOX_RACK": HARNESS.rack_url}
+
+        def round_trip(number):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                status = convox.main(["-a", app, "exec", "--no-tty", ident, "sh", "-c",
+                                      "echo out %d; echo err >&2" % number], env, stdio=stdio)
+            self.assertEqual((status, err.getvalue()), (0, ""))
+            received = b""
+            for _ in deadline_loop(10, 0):
+                ready, _, _ = select.select([read_end], [], [], 0.1)
+                if ready:
+                    received += os.read(read_end, 65536)
+                if received.count(b"\n") >= 2:
+                    break
+            self.assertEqual(sorted(received.splitlines()), [b"err", b"out %d" % number])
+
+        round_trip(0)  # the first may load modules lazily; count from after it
+        before = open_fds()
+        started = time.monotonic()
+        for number in range(1, self.ROUND_TRIPS + 1):
+            round_trip(number)
+        after = open_fds()
+        self.assertEqual(after, before, "file descriptors leaked")
+        sys.stderr.write("figures: load: %d sequential exec round trips through main() in "
+                         "%.1f s; open fds %d before, %d after\n" % (
+                             self.ROUND_TRIPS, time.monotonic() - started, len(before),
+                             len(after)))
+
+
+# -- Podman, a second engine ----------------------------------------------------------------
+
+class PodmanTest(ReliabilityChecks, TerminalTestCase):
+    """ps, exec and run against Podman's Docker API, through --rack.
+
+    Runs when CONVOX_TEST_PODMAN names Podman's socket (.ci/run starts
+    ``podman system service``); the busybox image is built there as for Docker.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        url = os.environ.get("CONVOX_TEST_PODMAN")
+        if not url:
+            raise unittest.SkipTest("CONVOX_TEST_PODMAN does not name a Podman socket")
+        cls.podman = Harness()
+        cls.podman.rack_url = convox.parse_rack(url, {}).url
+        cls.podman.engine = convox.Engine(convox.parse_rack(url, {}), {})
+        cls.podman._build_image()
+        cls.engine, cls.image = cls.podman.engine, cls.podman.image
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.podman.cleanup()
+
+    def convox(self, *args, input=None, timeout=120, env=None, cwd=None):
+        return subprocess.run(
+            [sys.executable, CONVOX, "--rack", self.podman.rack_url] + list(args),
+            input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+            env=client_env("unix:///nowhere.sock", **(env or {})), cwd=cwd or HERE)
+
+    def pty(self, *args, rows=30, cols=100, env=None, cwd=None):
+        url = self.podman.rack_url
+        return super().pty("--rack", url, *args, rows=rows, cols=cols, cwd=cwd,
+                           env=dict(env or {}, CONVOX_RACK=url, DOCKER_HOST=url))
+
+    def test_ps(self):
+        app = app_name("pps")
+        web = self.container(app, "web", release="RPODMAN", memory=64)
+        job = self.container(app, "web", ("sleep", "3602"), kind="process")
+        result = self.convox("-a", app, "ps")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.decode().splitlines()
+        self.assertEqual(re.split(r"\s{2,}", lines[0]),
+                         ["ID", "NAME", "RELEASE", "SIZE", "STARTED", "COMMAND"])
+        rows = sorted(re.split(r"\s{2,}", line) for line in lines[1:])
+        self.assertEqual([(r[0], r[1], r[2], r[3], r[5]) for r in rows], sorted([
+            (web[:12], "web", "RPODMAN", "64", "sleep 3600"),
+            (job[:12], "web", "-", "-", "sleep 3602")]))
+        data = json.loads(self.convox("-a", app, "ps", "--format", "json").stdout.decode())
+        self.assertEqual({(e["id"], e["type"], tuple(e["command"])) for e in data},
+                         {(web, "service", ("sleep", "3600")),
+                          (job, "process", ("sleep", "3602"))})
+        result = self.convox("-a", app, "ps", "info", web[:12])
+        self.assertIn("Command  sleep 3600\n", result.stdout.decode())
+
+    def test_exec_pipes_and_status(self):
+        app = app_name("pexec")
+        ident = self.container(app, "web")
+        result = self.convox("-a", app, "exec", "web", "cat", input=b"hi\n")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"hi\n", b""))
+        payload = bytes(range(256)) * 4096
+        result = self.convox("-a", app, "exec", ident[:12], "cat", input=payload)
+        self.assertEqual((result.returncode, len(result.stdout)), (0, len(payload)))
+        self.assertTrue(result.stdout == payload)
+        for code in (0, 1, 3, 42, 255):
+            result = self.convox("-a", app, "exec", "web", "sh", "-c",
+                                 "echo out; echo err >&2; exit %d" % code)
+            self.assertEqual((result.returncode, result.stdout, result.stderr),
+                             (code, b"out\n", b"err\n"))
+        result = self.convox("-a", app, "exec", "web", "no-such-command")
+        self.assertEqual(result.returncode, 127, result.stderr)
+
+    def test_exec_tty(self):
+        app = app_name("ptty")
+        self.container(app, "web")
+        term = self.pty("-a", app, "exec", "web", "sh", rows=33, cols=111)
+        term.expect(r"# ")
+        term.send("stty size; tty; exit 7\r")
+        term.expect(r"33 111")
+        self.assertEqual(term.wait(30), 7, term.output)
+        self.assertEqual(term.attrs(), term.initial_attrs)
+
+    def test_run(self):
+        app = app_name("prun")
+        self.container(app, "web", env=["FROM_SERVICE=yes"])
+        result = self.convox("-a", app, "run", "web", "sh", "-c",
+                             "echo $FROM_SERVICE; echo err >&2; exit 5")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (5, b"yes\n", b"err\n"))
+        result = self.convox("-a", app, "run", "web", "cat", input=b"piped\n")
+        self.assertEqual((result.returncode, result.stdout), (0, b"piped\n"), result.stderr)
+        result = self.convox("-a", app, "run", "web", "no-such-command")
+        self.assertEqual(result.returncode, 127, result.stderr)
+        term = self.pty("-a", app, "run", "web", "sh")
+        term.expect(r"# ")
+        term.send("tty; exit 6\r")
+        term.expect(r"/dev/pts/")
+        self.assertEqual(term.wait(30), 6, term.output)
+        self.assertEqual(term.attrs(), term.initial_attrs)
+        self.assertNoneLeft(app)
+        result = self.convox("-a", app, "run", "--detach", "web", "echo", "detached")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout.decode(), r"^Running detached process\.\.\. OK, "
+                                                 r"[0-9a-f]{12}\n$")
+
+
+    def test_run_passes_signals_on(self):
+        app = app_name("psig")
+        self.container(app, "web")
+        for name, status in (("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)):
+            with self.subTest(signal=name):
+                proc = subprocess.Popen(
+                    [sys.executable, CONVOX, "--rack", self.podman.rack_url, "-a", app, "run",
+                     "--no-tty", "web", "sh", "-c", "echo ready; sleep 30"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env=client_env("unix:///nowhere.sock"))
+                self.addCleanup(lambda p=proc: p.poll() is None and p.kill())
+                read_until(proc, b"ready")
+                proc.send_signal(getattr(signal, name))
+                _, err = proc.communicate(timeout=20)
+                self.assertEqual(proc.returncode, status, err)
+                self.assertNoneLeft(app)
 
 
 if __name__ == "__main__":

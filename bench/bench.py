@@ -1027,7 +1027,7 @@ def render_table(info, settings, rows, notes, failures):
 
 
 def evaluate(rows):
-    """The targets of issue 6 against the figures: [(target, measured, met or None)]."""
+    """The performance targets against the figures: [(target, measured, met or None)]."""
     index = {(r["workload"], r["case"], r["contender"]): r for r in rows}
     targets = []
 
@@ -1079,7 +1079,7 @@ def render_targets(targets):
     if not targets:
         return ""
     width = max(len(t[0]) for t in targets)
-    out = ["", "TARGETS (issue 6)"]
+    out = ["", "TARGETS"]
     for target, measured, met in targets:
         out.append("%s  %-14s %s" % (target.ljust(width), measured,
                                      "met" if met else "MISSED"))
