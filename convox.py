@@ -445,6 +445,11 @@ class Engine:
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 raise unreachable(self.rack, exc)
+            except BaseException:
+                # Ctrl-C mid-request: the connection is half-way through an exchange, so
+                # the clean-up requests that follow must not reuse it.
+                self.close()
+                raise
             if response.will_close:
                 self.close()
             return response.status, response.headers, data
@@ -3639,7 +3644,7 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
         return exit_status(code, stream.first_output)
 
 
-def _await_init(engine, container, patience=2.0):
+def _await_init(engine, container, patience=10.0):
     """Wait briefly until the one-off's init has started the command, before a signal.
 
     The engine's start returns before the init has set up its signals, and until it has,
