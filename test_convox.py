@@ -2829,8 +2829,8 @@ class ExecTerminalTest(ExecFixtures, TerminalTestCase):
 # The real engine: run
 # ==========================================================================================
 
-def convox_processes(app):
-    """PIDs of convox.py processes (clients or their watchdogs) whose command names ``app``."""
+def pids_where(matches):
+    """PIDs of the processes whose command line (words, as bytes) ``matches``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -2840,9 +2840,15 @@ def convox_processes(app):
                 words = handle.read().split(b"\0")
         except OSError:
             continue  # gone meanwhile
-        if app.encode() in words and any(w.endswith(b"convox.py") for w in words):
+        if matches(words):
             found.append(int(entry))
     return found
+
+
+def convox_processes(app):
+    """PIDs of convox.py processes (clients or their watchdogs) whose command names ``app``."""
+    return pids_where(lambda words: app.encode() in words and
+                      any(w.endswith(b"convox.py") for w in words))
 
 
 def executable_file(folder, name, text):
@@ -3909,17 +3915,8 @@ class PrivateDockerd:
 
     def stragglers(self):
         """Processes that name our folder: its containerd and shims, if any outlived it."""
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                    if self.folder.encode() in handle.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-        return found
+        folder = self.folder.encode()
+        return pids_where(lambda words: any(folder in word for word in words))
 
 
 def read_until(proc, needle, timeout=30):
