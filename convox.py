@@ -86,9 +86,8 @@ DEFAULT_SOCKETS = (
 #: environment variable CONVOX_TIMEOUT overrides it (a hung engine then fails sooner).
 CONTROL_TIMEOUT = 60.0
 
-#: Bytes read from a socket or a local fd at once, and the most held for a slow peer.
+#: Bytes read from a socket or a local fd at once.
 CHUNK = 64 * 1024
-BUFFER_LIMIT = 1024 * 1024
 
 #: Docker's default detach sequence: ctrl-p, ctrl-q.
 DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
@@ -148,14 +147,6 @@ class ManifestError(ConvoxError):
 class TimeoutExpired(ConvoxError):
     """A one-off process ran past its --timeout."""
     status = STATUS_TIMEOUT
-
-
-class ExitStatus(Exception):
-    """Not an error: unwinds to ``main()`` with the remote process's exit status."""
-
-    def __init__(self, status):
-        super().__init__(status)
-        self.status = status
 
 
 # ==========================================================================================
@@ -4341,8 +4332,6 @@ def main(argv=None, environ=None, stdio=None):
             return 2
         ctx = Context(args, environ, stdio=stdio)
         return args.handler(ctx)
-    except ExitStatus as exc:
-        return exc.status
     except SystemExit as exc:  # argparse's --help and --version
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:

@@ -14,7 +14,6 @@ Everything a test creates carries the label convox.test=RUN_ID and is removed at
 """
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
