@@ -2236,7 +2236,7 @@ services:
         # Ctrl-C: graceful stop, everything removed, status 0.
         session.send(b"\x03")
         session.expect(r"convox \| (\x1b\[0m)?stopping", timeout=10)
-        self.assertEqual(session.wait(timeout=30), 0)
+        self.assertEqual(session.wait(timeout=20), 0)  # stopped and removed within 20 s
         self.assertEqual(self.processes_of(app), [])
         names = [n["Name"] for n in self.engine.request("GET", "/networks")]
         self.assertNotIn(app, names)
