@@ -1033,6 +1033,8 @@ class SignalPipe:
             os.set_blocking(fd, False)
         self._saved_wakeup = signal.set_wakeup_fd(self._write_fd)
         for signum in self.signums:
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # ignored by whoever started us (nohup, a background job): stays so
             # A Python-level handler is needed for the C handler to write to the pipe.
             self._saved[signum] = signal.signal(signum, _note_signal)
         return self

@@ -51,6 +51,11 @@ REQUIRE_ENGINE = os.environ.get("CONVOX_TEST_REQUIRE_ENGINE") == "1"
 SLOW = os.environ.get("CONVOX_TEST_SLOW") == "1"
 INSTALL_HINT = "apt-get install -y docker.io busybox-static tmux"
 
+# convox.py leaves a signal alone that its parent ignores (nohup); the clients these tests
+# start must see SIGHUP as a person's would, even when the suite itself runs under nohup.
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 def app_name(suffix):
     """An app name of this run only, so that parallel runs never meet."""
