@@ -82,8 +82,8 @@ DEFAULT_SOCKETS = (
     "/run/podman/podman.sock",
 )
 
-#: Seconds a control request (anything but a stream, a build or a wait) may take; the
-#: environment variable CONVOX_TIMEOUT overrides it (a hung engine then fails sooner).
+#: Seconds a control request (anything but a stream or a build; for run's wait, the time
+#: from the end of the stream) may take; CONVOX_TIMEOUT overrides it.
 CONTROL_TIMEOUT = 60.0
 
 #: Bytes read from a socket or a local fd at once.
@@ -370,13 +370,14 @@ class Engine:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def connect(self, timeout=CONTROL_TIMEOUT):
+    def connect(self, timeout):
         """A new connected HTTP connection; connection failures become EngineUnavailable."""
         conn = self.rack.connection(timeout)
         try:
             conn.connect()
-        except (OSError, http.client.HTTPException, UnicodeError) as exc:
-            # UnicodeError: a host name that IDNA cannot encode (a label over 63 characters).
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            # ValueError: a host name that IDNA cannot encode (UnicodeError, a label over 63
+            # characters), and ssl.CertificateError on Python 3.6.
             conn.close()
             raise unreachable(self.rack, exc)
         self.connections += 1
@@ -498,7 +499,11 @@ class Engine:
             raise StreamError("the engine closed the stream before it started (%s) — try "
                               "again" % (exc.strerror or exc))
         conn.sock = None  # the socket is ours now; conn.close() must not close it
-        status, reason, headers = _parse_head(head)
+        try:
+            status, reason, headers = _parse_head(head)
+        except StreamError:
+            sock.close()
+            raise
         content_type = headers.get("Content-Type", "")
         if status >= 400:
             data = _read_body(sock, rest, headers)
@@ -524,9 +529,6 @@ class Engine:
 
     # -- containers ------------------------------------------------------------------------
 
-    def ping(self):
-        return self.api_version()
-
     def containers(self, all=True, filters=None):
         query = {"all": "1" if all else "0"}
         if filters:
@@ -543,12 +545,9 @@ class Engine:
         return self.request("POST", "/containers/%s/start" % ident)
 
     def stop(self, ident, grace=STOP_GRACE):
-        try:
-            return self.request("POST", "/containers/%s/stop" % ident, {"t": grace},
-                                timeout=grace + self.timeout)
-        except EngineError as exc:
-            if exc.code != 304:
-                raise
+        """SIGTERM, ``grace`` seconds, SIGKILL (304, already stopped, is no error here)."""
+        return self.request("POST", "/containers/%s/stop" % ident, {"t": grace},
+                            timeout=grace + self.timeout)
 
     def kill(self, ident, signal_name="KILL"):
         return self.request("POST", "/containers/%s/kill" % ident, {"signal": signal_name})
@@ -884,7 +883,8 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
                 timeout = max(0.0, deadline - time.monotonic())
             ready, writable, _ = select.select(readable, [sock] if to_engine else [], [],
                                                timeout)
-            if not ready and not writable:
+            # Checked on every turn: output that never pauses must not hold the deadline off.
+            if deadline is not None and time.monotonic() >= deadline:
                 return "timeout"
             if signal_fd is not None and signal_fd in ready:
                 for signum in _drain_signals(signal_fd):
@@ -909,7 +909,7 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
                         # The far end is a terminal, whose EOF is the VEOF key (^D; a
                         # second one after a partial line).  A half-close would make
                         # Docker hang the terminal up and drop the output not yet sent
-                        # (--tty with stdin from a file or /dev/null, as in CI).
+                        # (--tty with stdin from a file or /dev/null, as in a batch job).
                         to_engine = memoryview(b"\x04" if line_start else b"\x04\x04")
                     elif not to_engine:
                         _half_close(sock)
@@ -1047,6 +1047,35 @@ class SignalPipe:
             os.close(self.fd)
             os.close(self._write_fd)
         return False
+
+
+class TerminationAsInterrupt:
+    """Context manager: SIGTERM and SIGHUP unwind like Ctrl-C (KeyboardInterrupt(signum)),
+    so that what a verb created is removed on the way out; sessions take them over through
+    their SignalPipe.  Signals ignored by our parent (nohup) stay ignored."""
+
+    SIGNALS = ("SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self._saved = {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                signum = getattr(signal, name)
+                if signal.getsignal(signum) == signal.SIG_DFL:
+                    self._saved[signum] = signal.signal(signum, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
 
 
 def _note_signal(signum, frame):
@@ -1352,14 +1381,20 @@ def find_target(engine, app, target):
     app's service TARGET.  The container is looked up first: an ID then costs no list."""
     try:
         info = engine.inspect(target)
-    except NotFound:
+    except EngineError as exc:
+        if exc.code not in (400, 404):  # 400: a prefix that several IDs share
+            raise
         info = None
-    if info is not None and (info.get("State") or {}).get("Running"):
+    state = (info or {}).get("State") or {}
+    if info is not None and state.get("Running") and \
+            identity((info.get("Config") or {}).get("Labels"))[0] == app:
         return info["Id"]
     apps = Apps(engine, app)
     running = apps.summaries_of(app, target, running_only=True)
     if running:
         return newest(running)["Id"]
+    if info is not None and state.get("Running"):
+        return info["Id"]  # a container of another app (or of none), named exactly
     if info is None:
         services = apps.services(app)
         raise ConvoxError("no such process or service: %s (app %s)%s — see convox ps" %
@@ -3283,8 +3318,8 @@ def cmd_ps(ctx):
     app, inferred = ctx.app()
     apps = Apps(ctx.engine, app)
     apps.require_app(app, inferred)
-    # -s lists every process of the service, one-offs and stopped ones included.
-    processes = apps.processes(app, args.service, running_only=not (args.all or args.service))
+    # -s lists every process of the service, one-offs included; stopped ones with --all.
+    processes = apps.processes(app, args.service, running_only=not args.all)
     if args.release:
         processes = [p for p in processes if p.release == args.release]
     processes.sort(key=lambda p: (p.service, p.id))
@@ -3579,11 +3614,12 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
     stream = waiter = None
     detached = False
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(lambda: detached or _quietly(engine.remove, name))
         # One pipe from here to the end: the session takes it over, so a signal during start
-        # (which takes a while) still reaches the process.
+        # (which takes a while) still reaches the process; and the removal below runs
+        # before the pipe is gone, so a second Ctrl-C cannot cut it short.
         pending = cleanup.enter_context(SignalPipe(
             [getattr(signal, n) for n in SESSION_SIGNALS]))
+        cleanup.callback(lambda: detached or _quietly(engine.remove, name))
         container = engine.create_container(config, name)["Id"]
         for network, aliases in extra_networks:
             engine.connect_network(network, container, aliases)
@@ -4057,7 +4093,7 @@ def follow(local, streams, printer, signal_fd):
                     for ident in local.containers.values():
                         _quietly(local.engine.kill, ident, "TERM")
                     stop_deadline = time.monotonic() + STOP_GRACE
-        if not ready and stop_deadline is not None:
+        if stop_deadline is not None and time.monotonic() >= stop_deadline:
             local.kill_all()
             stop_deadline = None
             continue
@@ -4259,10 +4295,10 @@ def _session_options(parser):
 
 
 #: Verbs whose first positional word names a target and the words after it are a command.
-COMMAND_VERBS = {"exec": True, "run": True, "start": False}
+COMMAND_VERBS = ("exec", "run", "start")
 
 
-def split_command_line(parser, words, target_required=True):
+def split_command_line(parser, words):
     """Split a verb's words into (option words, target or None, command words).
 
     Options may stand before or after the target; the first word after it that is not an
@@ -4333,11 +4369,13 @@ def main(argv=None, environ=None, stdio=None):
             parser.print_help()
             return 2
         ctx = Context(args, environ, stdio=stdio)
-        return args.handler(ctx)
+        with TerminationAsInterrupt():
+            return args.handler(ctx)
     except SystemExit as exc:  # argparse's --help and --version
         return exc.code if isinstance(exc.code, int) else 0
-    except KeyboardInterrupt:
-        return _report(environ, "interrupted", 130)
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        return _report(environ, "interrupted", 128 + signum)
     except ConvoxError as exc:
         status = exc.status
         if status is None:
