@@ -1278,16 +1278,26 @@ def release_image(engine, apps, app, service, release):
     for summary in apps.summaries_of(app, service):
         if identity(summary.get("Labels"))[2] == release:
             return summary["ImageID"] if summary.get("ImageID") else summary["Image"]
-    labels = ["%s=%s" % (LABEL_APP, app), "%s=%s" % (LABEL_SERVICE, service),
-              "%s=%s" % (LABEL_RELEASE, release)]
-    images = engine.request("GET", "/images/json", {"filters": {"label": labels}}) or []
-    if images:
-        return max(images, key=lambda i: i.get("Created") or 0)["Id"]
+    image = newest_image(engine, app, service, release)
+    if image:
+        return image
     known = sorted({identity(s.get("Labels"))[2] for s in apps.summaries_of(app, service)}
                    - {""})
     raise ConvoxError("no such release: %s (app %s, service %s)%s — see convox ps --all" %
                       (release, app, service,
                        "; releases: " + ", ".join(known) if known else ""))
+
+
+def newest_image(engine, app, service, release=None):
+    """ID of the newest image labelled with the app, the service (and the release), or None:
+    the images `start` builds."""
+    labels = ["%s=%s" % (LABEL_APP, app), "%s=%s" % (LABEL_SERVICE, service)]
+    if release:
+        labels.append("%s=%s" % (LABEL_RELEASE, release))
+    images = engine.request("GET", "/images/json", {"filters": {"label": labels}}) or []
+    if not images:
+        return None
+    return max(images, key=lambda image: image.get("Created") or 0)["Id"]
 
 
 def _mount_binds(template):
@@ -3877,13 +3887,11 @@ class LocalApp:
         return tag
 
     def last_build(self, name):
-        labels = ["%s=%s" % (LABEL_APP, self.app), "%s=%s" % (LABEL_SERVICE, name)]
-        images = self.engine.request("GET", "/images/json",
-                                     {"filters": {"label": labels}}) or []
-        if not images:
+        image = newest_image(self.engine, self.app, name)
+        if image is None:
             raise ConvoxError("no build of %s yet — run convox start without --no-build" %
                               name)
-        return max(images, key=lambda image: image.get("Created") or 0)["Id"]
+        return image
 
     def ensure_image(self, image, printer):
         """An image service's image, pulled when the engine does not have it."""
@@ -3895,14 +3903,18 @@ class LocalApp:
         except NotFound:
             pass
         printer.say("pulling %s" % image, "build")
-        name, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else \
-            (image, "", "latest")
+        if "@" in image or ":" not in image.rsplit("/", 1)[-1]:
+            query = {"fromImage": image, "tag": None if "@" in image else "latest"}
+        else:
+            name, _, tag = image.rpartition(":")
+            query = {"fromImage": name, "tag": tag}
         conn = self.engine.connect(timeout=None)
         try:
-            conn.request("POST", self.engine.url("/images/create",
-                                                 {"fromImage": name, "tag": tag}), body=b"")
+            conn.request("POST", self.engine.url("/images/create", query), body=b"")
             response = conn.getresponse()
             body = response.read().decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException) as exc:
+            raise unreachable(self.engine.rack, exc)
         finally:
             conn.close()
         for line in body.splitlines():
@@ -4005,9 +4017,12 @@ class LocalApp:
         self.containers[name] = ident
         return ident
 
-    def stop_all(self, grace=STOP_GRACE):
+    def term_all(self):
         for ident in self.containers.values():
             _quietly(self.engine.kill, ident, "TERM")
+
+    def stop_all(self, grace=STOP_GRACE):
+        self.term_all()
         give_up = time.monotonic() + grace
         for ident in self.containers.values():
             while time.monotonic() < give_up:
@@ -4090,8 +4105,7 @@ def follow(local, streams, printer, signal_fd):
                 else:
                     stopping = True
                     printer.say("stopping")
-                    for ident in local.containers.values():
-                        _quietly(local.engine.kill, ident, "TERM")
+                    local.term_all()
                     stop_deadline = time.monotonic() + STOP_GRACE
         if stop_deadline is not None and time.monotonic() >= stop_deadline:
             local.kill_all()
