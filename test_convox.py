@@ -51,8 +51,11 @@ REQUIRE_ENGINE = os.environ.get("CONVOX_TEST_REQUIRE_ENGINE") == "1"
 SLOW = os.environ.get("CONVOX_TEST_SLOW") == "1"
 INSTALL_HINT = "apt-get install -y docker.io busybox-static tmux"
 
-# convox.py leaves a signal alone that its parent ignores (nohup); the clients these tests
-# start must see SIGHUP as a person's would, even when the suite itself runs under nohup.
+# convox.py leaves alone a signal that its parent ignores (nohup; a shell script's
+# background job ignores SIGINT).  The clients these tests start must see SIGINT and SIGHUP
+# as a person's would, even when the suite itself runs under nohup or in the background.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
@@ -2949,6 +2952,25 @@ class RunTest(RunTestCase):
                 self.assertLess(time.monotonic() - started, 10)
                 self.assertNoneLeft(app)
         self.assertNoWatchdog(app)
+
+    def test_nohup_keeps_sighup_ignored(self):
+        # Started under nohup (SIGHUP ignored), the client keeps ignoring it: the one-off
+        # runs to its end instead of being hung up.
+        app = app_name("runnohup")
+        self.container(app, "web")
+        proc = subprocess.Popen(
+            [sys.executable, CONVOX, "-a", app, "run", "web", "sh", "-c", "sleep 2; echo done"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=HARNESS.env(), cwd=HERE,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        for _ in deadline_loop(20, 0.1):
+            if any(s.get("State") == "running" for s in self.processes_of(app, "process")):
+                break
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, out), (0, b"done\n"), err)
+        self.assertNoneLeft(app)
 
     def test_interrupt_at_any_moment(self):
         # Ctrl-C while the one-off is being looked up, created, attached or started: the
