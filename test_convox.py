@@ -98,6 +98,7 @@ class Harness:
             self.ready = True
         except Exception as exc:  # noqa: BLE001 - reported as the skip/failure reason
             self.problem = "%s: %s" % (type(exc).__name__, exc)
+            sys.stderr.write("test: the real-engine tests cannot run: %s\n" % exc)
 
     def _answers(self, rack):
         engine = convox.Engine(rack, {})
