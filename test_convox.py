@@ -211,6 +211,13 @@ class Harness:
                     self.dockerd.wait(30)
                 except subprocess.TimeoutExpired:
                     self.dockerd.kill()
+                # dockerd leaves its data root mounted (overlay, netns): unmount, then remove.
+                with open("/proc/self/mounts") as handle:
+                    mounts = [line.split()[1] for line in handle]
+                for mount in sorted((m for m in mounts if m.startswith(self.private_dir)),
+                                    reverse=True):
+                    subprocess.run(["umount", "-l", mount], stderr=subprocess.DEVNULL,
+                                   timeout=30)
                 shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
