@@ -806,7 +806,13 @@ def _write_all(fd, data):
 
 
 def _half_close(sock):
-    """Tell the engine there is no more input (Docker's CloseWrite)."""
+    """Tell the engine there is no more input (Docker's CloseWrite).
+
+    Not on TLS: Python's SSLSocket.shutdown() drops the TLS layer for reading too, so the
+    rest of the output would arrive as ciphertext.  There the engine sees no end of input.
+    """
+    if hasattr(sock, "unwrap"):  # an ssl.SSLSocket
+        return
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
