@@ -334,6 +334,12 @@ def _error_message(body, status, reason):
     return message or "%d %s" % (status, reason)
 
 
+def _http_error(body, status, reason):
+    """The typed error of an HTTP error answer: NotFound for 404, else EngineError."""
+    error = NotFound if status == 404 else EngineError
+    return error(_error_message(body, status, reason), status)
+
+
 class Hijacked:
     """A raw stream taken over from an HTTP response (101 Switching Protocols)."""
 
@@ -456,9 +462,7 @@ class Engine:
         status, response_headers, data = self._roundtrip(
             method, self.url(path, query), body, headers, timeout)
         if status >= 400:
-            message = _error_message(data, status, "")
-            error = NotFound if status == 404 else EngineError
-            raise error(message, status)
+            raise _http_error(data, status, "")
         if not data:
             return None
         if "json" not in (response_headers.get("Content-Type") or "json"):
@@ -508,8 +512,7 @@ class Engine:
         if status >= 400:
             data = _read_body(sock, rest, headers)
             sock.close()
-            error = NotFound if status == 404 else EngineError
-            raise error(_error_message(data, status, reason), status)
+            raise _http_error(data, status, reason)
         if status != 101 and not (status == 200 and "vnd.docker" in content_type):
             sock.close()
             raise StreamError("the engine answered %d %s instead of switching protocols — "
