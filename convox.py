@@ -555,15 +555,27 @@ class Engine:
     def kill(self, ident, signal_name="KILL"):
         return self.request("POST", "/containers/%s/kill" % ident, {"signal": signal_name})
 
-    def remove(self, ident, force=True, missing_ok=True):
-        """Remove a container; a missing one (or one already being removed) is fine."""
+    def remove(self, ident, force=True, missing_ok=True, patience=10.0):
+        """Remove a container; a missing one is fine, and one already being removed (by
+        AutoRemove) is waited for, up to ``patience`` seconds: gone means gone on return,
+        as after ``docker run --rm``."""
         try:
             return self.request("DELETE", "/containers/%s" % ident,
                                 {"force": "1" if force else "0", "v": "0"})
         except EngineError as exc:
-            if not (missing_ok and (exc.code == 404 or
-                                    (exc.code == 409 and "in progress" in str(exc)))):
+            in_progress = exc.code == 409 and "in progress" in str(exc)
+            if not (missing_ok and (exc.code == 404 or in_progress)):
                 raise
+            if not in_progress:
+                return None
+        give_up = time.monotonic() + patience
+        while time.monotonic() < give_up:
+            time.sleep(0.02)
+            try:
+                self.inspect(ident)
+            except NotFound:
+                break
+        return None
 
     def resize(self, kind, ident, rows, cols):
         return self.request("POST", "/%s/%s/resize" % (kind, ident), {"h": rows, "w": cols})

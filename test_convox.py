@@ -2945,6 +2945,31 @@ class RunTest(RunTestCase):
         self.assertNoneLeft(app)
         self.assertNoWatchdog(app)
 
+    def test_gone_when_the_command_returns(self):
+        # As after docker run --rm: when run returns, its one-off no longer exists (the
+        # engine's AutoRemove may still be at work when the process's status arrives).
+        # Four clients at a time load the engine, as a busy server would.
+        import concurrent.futures
+        app = app_name("rungone")
+        self.container(app, "web")
+
+        def run_and_look(attempt):
+            result = self.convox("-a", app, "run", "web", "sh", "-c", "exit 3; #%d" % attempt)
+            engine = convox.Engine(self.engine.rack, {})  # one connection per thread
+            try:
+                left = [s["Names"] for s in engine.containers(all=True)
+                        if s["Labels"].get("convox.app") == app
+                        and s["Command"].endswith("#%d" % attempt)]
+            finally:
+                engine.close()
+            return result.returncode, result.stderr, left
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(run_and_look, range(16)))
+        for status, stderr, left in outcomes:
+            self.assertEqual(status, 3, stderr)
+            self.assertEqual(left, [])
+
     def test_signals_to_the_client_end_the_process(self):
         app = app_name("runsig")
         self.container(app, "web")
@@ -3604,6 +3629,9 @@ class FakeEngine:
         if method == "GET" and action == "/json":
             return self.reply(handler, 200, self.inspect(c))
         if method == "DELETE" and action == "":
+            if c.get("Removing"):
+                return self.reply(handler, 409, {"message": "removal of container %s is "
+                                                 "already in progress" % c["Id"]})
             with self.lock:
                 self.containers.pop(c["Id"], None)
             c["Removed"].set()
@@ -3636,6 +3664,12 @@ class FakeEngine:
         c["Running"] = False
         c["Exited"].set()
         if (c["Config"].get("HostConfig") or {}).get("AutoRemove"):
+            if "slow-autoremove" in self.faults and not c.get("Removing"):
+                # A busy engine: removal takes a while, and a DELETE meanwhile gets a 409.
+                c["Removing"] = True
+                timer = threading.Timer(1.0, self.exit, (c, code))
+                timer.daemon = True
+                return timer.start()
             with self.lock:
                 self.containers.pop(c["Id"], None)
             c["Removed"].set()
@@ -3841,6 +3875,17 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
                 removed = [c for c in engine.containers.values()
                            if c["Config"].get("Labels", {}).get(convox.LABEL_TYPE) == "process"]
                 self.assertEqual(removed, [])
+
+    def test_run_returns_once_autoremove_is_done(self):
+        # The engine may still be removing the one-off when its status arrives (a 409 to
+        # the DELETE): run waits for that, so the one-off is gone when it returns.
+        engine = self.fake("slow-autoremove")
+        status, out, err, seconds = self.client(engine, "run", "--no-tty", "web", "true")
+        self.assertEqual((status, out, err), (0, b"hello from the fake\n", b""))
+        left = [c["Name"] for c in engine.containers.values()
+                if c["Config"].get("Labels", {}).get(convox.LABEL_TYPE) == "process"]
+        self.assertEqual(left, [])
+        self.assertGreater(seconds, 1.0)
 
     def test_run_works_against_the_fake(self):
         engine = self.fake()
