@@ -2234,7 +2234,12 @@ services:
         import urllib.request
         with urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=10) as page:
             self.assertEqual(page.read(), b"page-ok\n")
-        plain = re.sub(r"\x1b\[\d+m", "", session.output.decode("utf-8", "replace"))
+        # web logs its answer after sending it, so that line may still be on its way.
+        for _ in deadline_loop(20, 0):
+            plain = re.sub(r"\x1b\[\d+m", "", session.output.decode("utf-8", "replace"))
+            if re.search(r"web    \| .*response:200", plain):
+                break
+            session.read_some(0.1)
         self.assertIn("convox | starting web", plain)
         self.assertRegex(plain, r"web    \| .*response:200")
         containers = {convox.identity(s["Labels"])[1]: s for s in self.processes_of(app)}
