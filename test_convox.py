@@ -2981,13 +2981,13 @@ class RunTest(RunTestCase):
             try:
                 left = [s["Names"] for s in engine.containers(all=True)
                         if s["Labels"].get("convox.app") == app
-                        and s["Command"].endswith("#%d" % attempt)]
+                        and re.search(r"#%d\b" % attempt, s["Command"])]
             finally:
                 engine.close()
             return result.returncode, result.stderr, left
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            outcomes = list(pool.map(run_and_look, range(16)))
+            outcomes = list(pool.map(run_and_look, range(24)))
         for status, stderr, left in outcomes:
             self.assertEqual(status, 3, stderr)
             self.assertEqual(left, [])
