@@ -206,6 +206,7 @@ class Harness:
                             engine.request("DELETE", "/images/%s" % tag, {"force": "1"})
         finally:
             engine.close()
+            self.engine = None  # once only: the end of the module, or the end of the run
             if self.dockerd is not None:
                 self.dockerd.terminate()
                 try:
@@ -4788,5 +4789,20 @@ class PodmanTest(ReliabilityChecks, TerminalTestCase):
                 self.assertNoneLeft(app)
 
 
+def _stopped(signum, frame):
+    raise KeyboardInterrupt  # unittest lets it through (and nothing else) to the clean-up
+
+
 if __name__ == "__main__":
-    unittest.main()
+    # A run stopped with SIGTERM or SIGHUP (a CI job cancelled, a closed terminal) still
+    # removes what it made, as one stopped with Ctrl-C does.
+    for _signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(_signum) == signal.SIG_DFL:
+            signal.signal(_signum, _stopped)
+    try:
+        unittest.main()
+    except KeyboardInterrupt:
+        sys.stderr.write("\ntest: stopped; removing what this run made\n")
+        sys.exit(130)
+    finally:
+        HARNESS.cleanup()
