@@ -3697,7 +3697,8 @@ class FakeEngine:
                 c["Removing"] = True
                 timer = threading.Timer(1.0, self.exit, (c, code))
                 timer.daemon = True
-                return timer.start()
+                timer.start()
+                return
             with self.lock:
                 self.containers.pop(c["Id"], None)
             c["Removed"].set()
