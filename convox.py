@@ -28,6 +28,12 @@ Lifecycle of an attached session (``exec``; ``run`` differs only where noted)::
 
 Without a TTY the stream carries 8-byte frame headers ([stream, 0, 0, 0, size32]) that
 ``Demuxer`` splits back into stdout and stderr; with a TTY it is raw terminal bytes.
+
+Sections, in the order of the data: Constants, Errors, Transport (where the engine is, its
+socket), Engine API (thin methods returning dicts), Racks (what the verbs ask of a rack:
+processes, the engine that runs one, one-offs), Streams (demux, pump), Terminal (raw mode,
+size, signals), Apps and processes (labels, the one-off template), Manifest, Commands (one
+function per verb), CLI.
 """
 
 import signal
@@ -686,6 +692,161 @@ def _dechunk(data):
 
 
 # ==========================================================================================
+# Racks
+# ==========================================================================================
+#
+# What the verbs ask of a rack -- the app's processes, the one exec enters, the engine that
+# runs a process, a new one-off -- so that no verb asks what kind of rack it runs on.
+# EngineRack is the rack of a single engine (Docker or Podman); a Swarm rack gives the same
+# methods.  (``Rack``, under Transport, is only where the engine is.)
+
+class EngineRack:
+    """The apps on one engine.  Each app's containers are listed once, through label
+    filters (the engine may hold thousands of others); every container only when an error
+    must name the apps."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._summaries = {}  # app -> its container summaries, newest first
+        self._all = None
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def summaries(self, app, service=None, running_only=False):
+        """Container summaries of an app (Convox labels or Compose's), optionally of one
+        service and running ones only."""
+        if app not in self._summaries:
+            # Two small answers filtered by the engine instead of the list of every container.
+            found = {}
+            for app_label in (LABEL_APP, COMPOSE_PROJECT):
+                filters = {"label": ["%s=%s" % (app_label, app)]}
+                for summary in self.engine.containers(all=True, filters=filters):
+                    found[summary["Id"]] = summary
+            self._summaries[app] = list(found.values())
+        found = []
+        for summary in self._summaries[app]:
+            c_app, c_service, _, _ = identity(summary.get("Labels"))
+            if c_app != app or (service is not None and c_service != service):
+                continue
+            if running_only and summary.get("State") != "running":
+                continue
+            found.append(summary)
+        return found
+
+    def processes(self, app, service=None, all=False):
+        """The app's processes (running ones unless ``all``), each inspected over the one
+        keep-alive connection."""
+        result = []
+        for summary in self.summaries(app, service, running_only=not all):
+            try:
+                result.append(Process(self.engine.inspect(summary["Id"])))
+            except NotFound:
+                continue  # removed between the list and the inspect
+        return result
+
+    def apps(self):
+        """Names of every app that has a process here."""
+        if self._all is None:
+            self._all = self.engine.containers(all=True)
+        return sorted({identity(c.get("Labels"))[0] for c in self._all} - {""})
+
+    def services(self, app):
+        return sorted({identity(c.get("Labels"))[1] for c in self.summaries(app)} - {""})
+
+    def require_app(self, app, inferred):
+        """Raise a helpful error when nothing carries this app's name."""
+        if self.summaries(app):
+            return
+        names = self.apps()
+        where = " (from the current directory)" if inferred else ""
+        here = ("apps here: %s" % ", ".join(names)) if names else "no apps here"
+        raise ConvoxError('no processes for app "%s"%s; %s — use -a APP' % (app, where, here))
+
+    # -- choosing a process ----------------------------------------------------------------
+
+    def find(self, app, ident):
+        """A process by ID, ID prefix or name, checked to be one of ``app``'s."""
+        try:
+            process = Process(self.engine.inspect(ident))
+        except NotFound:
+            raise ConvoxError("no such process: %s (app %s) — see convox ps" % (ident, app))
+        if process.app != app:
+            owner = ('it belongs to app "%s"' % process.app) if process.app else \
+                "it belongs to no app"
+            raise ConvoxError("process %s is not part of app %s (%s) — use -a APP" %
+                              (ident, app, owner))
+        return process
+
+    def target(self, app, target):
+        """exec's TARGET: a container by ID, ID prefix or name, else a running process of
+        the app's service TARGET.  The container is looked up first: an ID then costs no
+        list."""
+        try:
+            info = self.engine.inspect(target)
+        except EngineError as exc:
+            if exc.code not in (400, 404):  # 400: a prefix that several IDs share
+                raise
+            info = None
+        state = (info or {}).get("State") or {}
+        if info is not None and state.get("Running") and \
+                identity((info.get("Config") or {}).get("Labels"))[0] == app:
+            return Process(info)
+        running = self.summaries(app, target, running_only=True)
+        if running:
+            return Process(self.engine.inspect(newest(running)["Id"]))
+        if info is not None and state.get("Running"):
+            return Process(info)  # a container of another app (or of none), named exactly
+        if info is None:
+            services = self.services(app)
+            raise ConvoxError("no such process or service: %s (app %s)%s — see convox ps" %
+                              (target, app, "; services: " + ", ".join(services)
+                               if services else ""))
+        raise ConvoxError("process %s is not running (%s) — see convox ps --all" %
+                          (target, status_text(info.get("State") or {})))
+
+    def engine_for(self, process):
+        """The engine that runs ``process`` (None: the one new one-offs are made on)."""
+        return self.engine
+
+    # -- one-offs --------------------------------------------------------------------------
+
+    def template(self, app, service):
+        """Inspect of the container a one-off of ``service`` copies: the newest running one
+        of the service, else its newest of any state (services before earlier one-offs);
+        None when the service has no container."""
+        candidates = self.summaries(app, service)
+        if not candidates:
+            return None
+        services = [s for s in candidates if identity(s.get("Labels"))[3] == "service"]
+        pool = services or candidates
+        running = [s for s in pool if s.get("State") == "running"]
+        return self.engine.inspect(newest(running or pool)["Id"])
+
+    def release_image(self, app, service, release):
+        """The image of release R of a service: from any container of it, or a labelled
+        image (the images `start` builds)."""
+        for summary in self.summaries(app, service):
+            if identity(summary.get("Labels"))[2] == release:
+                return summary["ImageID"] if summary.get("ImageID") else summary["Image"]
+        image = newest_image(self.engine, app, service, release)
+        if image:
+            return image
+        known = sorted({identity(s.get("Labels"))[2] for s in self.summaries(app, service)}
+                       - {""})
+        raise ConvoxError("no such release: %s (app %s, service %s)%s — see convox ps --all"
+                          % (release, app, service,
+                             "; releases: " + ", ".join(known) if known else ""))
+
+    def one_off(self, config, name, networks):
+        """Create a one-off process (``one_off_config``'s body and extra networks) on
+        ``engine_for(None)``, not started; -> its container ID."""
+        container = self.engine.create_container(config, name)["Id"]
+        for network, aliases in networks:
+            self.engine.connect_network(network, container, aliases)
+        return container
+
+
+# ==========================================================================================
 # Streams
 # ==========================================================================================
 
@@ -1191,122 +1352,12 @@ class Process:
         }
 
 
-class Apps:
-    """The containers of one app, read once through label filters (the engine may hold
-    thousands of others); the full list is read only when an error must name the apps."""
-
-    def __init__(self, engine, app=None):
-        self.engine = engine
-        self.app = app
-        self._all = None
-        if app is None:
-            self.summaries = self.all()
-        else:
-            self.summaries = app_summaries(engine, app)
-
-    def all(self):
-        if self._all is None:
-            self._all = self.engine.containers(all=True)
-        return self._all
-
-    def names(self):
-        return sorted({identity(c.get("Labels"))[0] for c in self.all()} - {""})
-
-    def summaries_of(self, app, service=None, running_only=False):
-        found = []
-        for summary in (self.summaries if app == self.app else self.all()):
-            c_app, c_service, _, _ = identity(summary.get("Labels"))
-            if c_app != app or (service is not None and c_service != service):
-                continue
-            if running_only and summary.get("State") != "running":
-                continue
-            found.append(summary)
-        return found
-
-    def services(self, app):
-        return sorted({identity(c.get("Labels"))[1] for c in self.summaries_of(app)} - {""})
-
-    def require_app(self, app, inferred):
-        """Raise a helpful error when nothing carries this app's name."""
-        if self.summaries_of(app):
-            return
-        names = self.names()
-        where = " (from the current directory)" if inferred else ""
-        here = ("apps here: %s" % ", ".join(names)) if names else "no apps here"
-        raise ConvoxError('no processes for app "%s"%s; %s — use -a APP' % (app, where, here))
-
-    def processes(self, app, service=None, running_only=False):
-        """Inspect each matching container (over the one keep-alive connection)."""
-        result = []
-        for summary in self.summaries_of(app, service, running_only):
-            try:
-                result.append(Process(self.engine.inspect(summary["Id"])))
-            except NotFound:
-                continue  # removed between the list and the inspect
-        return result
-
-
-def app_summaries(engine, app, service=None, running_only=False):
-    """Summaries of an app's containers (Convox labels or Compose's), filtered by the
-    engine: two small answers instead of the list of every container on the host."""
-    found = {}
-    for app_label, service_label in ((LABEL_APP, LABEL_SERVICE),
-                                     (COMPOSE_PROJECT, COMPOSE_SERVICE)):
-        labels = ["%s=%s" % (app_label, app)]
-        if service is not None:
-            labels.append("%s=%s" % (service_label, service))
-        for summary in engine.containers(all=not running_only, filters={"label": labels}):
-            found[summary["Id"]] = summary
-    return list(found.values())
-
-
-def find_process(engine, app, ident):
-    """A container by ID, ID prefix or name, checked to be a process of ``app``."""
-    try:
-        process = Process(engine.inspect(ident))
-    except NotFound:
-        raise ConvoxError("no such process: %s (app %s) — see convox ps" % (ident, app))
-    if process.app != app:
-        owner = ('it belongs to app "%s"' % process.app) if process.app else \
-            "it belongs to no app"
-        raise ConvoxError("process %s is not part of app %s (%s) — use -a APP" %
-                          (ident, app, owner))
-    return process
-
-
 def newest(summaries):
     """The newest container summary (by creation time), or None."""
     # Created is in whole seconds; within one second the engine's own order decides: it
     # lists containers newest first by their exact creation time (Docker container/history.go).
     ranked = [(s.get("Created") or 0, -index, s) for index, s in enumerate(summaries)]
     return max(ranked, key=lambda r: r[:2], default=(0, 0, None))[2]
-
-
-def service_template(engine, apps, app, service):
-    """Inspect of the container a one-off of ``service`` copies: the newest running one of
-    the service, else its newest of any state (services before earlier one-offs)."""
-    candidates = apps.summaries_of(app, service)
-    if not candidates:
-        return None
-    services = [s for s in candidates if identity(s.get("Labels"))[3] == "service"]
-    pool = services or candidates
-    running = [s for s in pool if s.get("State") == "running"]
-    return engine.inspect(newest(running or pool)["Id"])
-
-
-def release_image(engine, apps, app, service, release):
-    """The image of release R of a service: from any container of it, or a labelled image."""
-    for summary in apps.summaries_of(app, service):
-        if identity(summary.get("Labels"))[2] == release:
-            return summary["ImageID"] if summary.get("ImageID") else summary["Image"]
-    image = newest_image(engine, app, service, release)
-    if image:
-        return image
-    known = sorted({identity(s.get("Labels"))[2] for s in apps.summaries_of(app, service)}
-                   - {""})
-    raise ConvoxError("no such release: %s (app %s, service %s)%s — see convox ps --all" %
-                      (release, app, service,
-                       "; releases: " + ", ".join(known) if known else ""))
 
 
 def newest_image(engine, app, service, release=None):
@@ -1405,34 +1456,6 @@ def one_off_config(template, command, *, app, service, image=None, release=None,
         if mode in ("default", "bridge") and first != "bridge":
             host_config["NetworkMode"] = first
     return body, networks[1:]
-
-
-def find_target(engine, app, target):
-    """exec's TARGET: a container by ID, ID prefix or name, else a running process of the
-    app's service TARGET.  The container is looked up first: an ID then costs no list."""
-    try:
-        info = engine.inspect(target)
-    except EngineError as exc:
-        if exc.code not in (400, 404):  # 400: a prefix that several IDs share
-            raise
-        info = None
-    state = (info or {}).get("State") or {}
-    if info is not None and state.get("Running") and \
-            identity((info.get("Config") or {}).get("Labels"))[0] == app:
-        return info["Id"]
-    apps = Apps(engine, app)
-    running = apps.summaries_of(app, target, running_only=True)
-    if running:
-        return newest(running)["Id"]
-    if info is not None and state.get("Running"):
-        return info["Id"]  # a container of another app (or of none), named exactly
-    if info is None:
-        services = apps.services(app)
-        raise ConvoxError("no such process or service: %s (app %s)%s — see convox ps" %
-                          (target, app, "; services: " + ", ".join(services)
-                           if services else ""))
-    raise ConvoxError("process %s is not running (%s) — see convox ps --all" %
-                      (target, status_text(info.get("State") or {})))
 
 
 # -- humanised times (go-humanize's RelTime, as Convox prints them) -------------------------
@@ -3315,6 +3338,7 @@ class Context:
         self.stderr = stderr if stderr is not None else sys.stderr
         self.stdio = stdio if stdio is not None else Stdio()
         self._engine = None
+        self._rack = None
 
     @property
     def engine(self):
@@ -3322,6 +3346,13 @@ class Context:
             self._engine = Engine(resolve_rack(getattr(self.args, "rack", None), self.environ),
                                   self.environ)
         return self._engine
+
+    @property
+    def rack(self):
+        """The rack the verbs ask for processes and one-offs (section Racks)."""
+        if self._rack is None:
+            self._rack = EngineRack(self.engine)
+        return self._rack
 
     def app(self):
         return resolve_app(getattr(self.args, "app", None), self.environ)
@@ -3347,10 +3378,9 @@ def cmd_ps(ctx):
         raise UsageError("unknown ps command %r — use convox ps, ps info ID or ps stop ID"
                          % words[0])
     app, inferred = ctx.app()
-    apps = Apps(ctx.engine, app)
-    apps.require_app(app, inferred)
+    ctx.rack.require_app(app, inferred)
     # -s lists every process of the service, one-offs included; stopped ones with --all.
-    processes = apps.processes(app, args.service, running_only=not args.all)
+    processes = ctx.rack.processes(app, args.service, all=args.all)
     if args.release:
         processes = [p for p in processes if p.release == args.release]
     processes.sort(key=lambda p: (p.service, p.id))
@@ -3374,7 +3404,7 @@ def cmd_ps(ctx):
 
 def ps_info(ctx, ident):
     app, _ = ctx.app()
-    p = find_process(ctx.engine, app, ident)
+    p = ctx.rack.find(app, ident)
     started = parse_timestamp(p.started)
     fields = [
         ("Id", p.id), ("App", p.app), ("Name", p.service), ("Release", p.release or "-"),
@@ -3390,11 +3420,12 @@ def ps_info(ctx, ident):
 
 def ps_stop(ctx, ident):
     app, _ = ctx.app()
-    p = find_process(ctx.engine, app, ident)
+    p = ctx.rack.find(app, ident)
+    engine = ctx.rack.engine_for(p)
     ctx.out("Stopping %s... " % ident)
-    ctx.engine.stop(p.id)
+    engine.stop(p.id)
     if p.type == "process":
-        ctx.engine.remove(p.id)
+        engine.remove(p.id)
     ctx.out("OK\n")
     return 0
 
@@ -3527,9 +3558,9 @@ def cmd_exec(ctx):
         raise UsageError("exec needs a process and a command — convox exec TARGET COMMAND...")
     keys_text = args.detach_keys or DEFAULT_DETACH_KEYS
     detach_keys = parse_detach_keys(keys_text)
-    engine = ctx.engine
     app, _ = ctx.app()
-    container = find_target(engine, app, args.target)
+    process = ctx.rack.target(app, args.target)
+    engine = ctx.rack.engine_for(process)
     stdio = ctx.stdio
     tty = stdio.wants_tty(args.tty)
     config = {
@@ -3538,7 +3569,7 @@ def cmd_exec(ctx):
         "WorkingDir": args.workdir or "", "User": args.user or "",
         "DetachKeys": keys_text,
     }
-    exec_id = engine.exec_create(container, config)["Id"]
+    exec_id = engine.exec_create(process.id, config)["Id"]
     stream = engine.hijack("/exec/%s/start" % exec_id, {"Detach": False, "Tty": tty})
     try:
         outcome = session(stream, stdio, tty=tty, detach_keys=detach_keys,
@@ -3590,18 +3621,17 @@ def cmd_run(ctx):
             raise UsageError("--entrypoint takes true or false — use --no-entrypoint to "
                              "bypass the image's ENTRYPOINT")
         entrypoint = entrypoint and args.entrypoint.lower() in ("true", "1", "yes")
-    engine = ctx.engine
+    rack = ctx.rack
     app, inferred = ctx.app()
     service = args.target
-    apps = Apps(engine, app)
-    template = service_template(engine, apps, app, service)
+    template = rack.template(app, service)
     if template is None:
-        template = manifest_template(engine, app, service, ctx.environ)
+        template = manifest_template(rack.engine_for(None), app, service, ctx.environ)
     if template is None:
-        apps.require_app(app, inferred)
+        rack.require_app(app, inferred)
         raise ConvoxError("no such service: %s (app %s); services: %s" %
-                          (service, app, ", ".join(apps.services(app)) or "none"))
-    image = release_image(engine, apps, app, service, args.release) if args.release else None
+                          (service, app, ", ".join(rack.services(app)) or "none"))
+    image = rack.release_image(app, service, args.release) if args.release else None
     return run_one_off(ctx, template, command, app=app, service=service, image=image,
                        release=args.release, entrypoint=entrypoint)
 
@@ -3616,7 +3646,8 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
     and by a watchdog process that outlives it (SIGKILL, a lost terminal).
     """
     args = ctx.args
-    engine = ctx.engine
+    rack = ctx.rack
+    engine = rack.engine_for(None)
     stdio = ctx.stdio
     detach = bool(args.detach)
     tty = False if detach else stdio.wants_tty(args.tty)
@@ -3631,9 +3662,7 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
     timeout = DEFAULT_RUN_TIMEOUT if args.timeout is None else args.timeout
     if detach:
         try:
-            container = engine.create_container(config, name)["Id"]
-            for network, aliases in extra_networks:
-                engine.connect_network(network, container, aliases)
+            container = rack.one_off(config, name, extra_networks)
             engine.start(container)
         except BaseException as exc:
             _quietly(engine.remove, name)
@@ -3651,9 +3680,7 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
         pending = cleanup.enter_context(SignalPipe(
             [getattr(signal, n) for n in SESSION_SIGNALS]))
         cleanup.callback(lambda: detached or _quietly(engine.remove, name))
-        container = engine.create_container(config, name)["Id"]
-        for network, aliases in extra_networks:
-            engine.connect_network(network, container, aliases)
+        container = rack.one_off(config, name, extra_networks)
         if timeout:
             spawn_watchdog(engine, container, timeout)
         stream = engine.hijack("/containers/%s/attach" % container, query={
