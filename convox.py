@@ -1300,6 +1300,9 @@ def resolve_app(option=None, environ=None, cwd=None):
             return name, False
     except OSError:
         pass
+    project = compose_project(cwd, environ)
+    if project:
+        return project, False
     return normalize_app_name(os.path.basename(os.path.abspath(cwd)) or "root"), True
 
 
@@ -2343,7 +2346,7 @@ _CONVOX_SERVICE_IGNORED = (
     'grpcHealthEnabled', 'disableHostUsers', 'imagePullSecrets', 'initContainer',
     'nodeAffinityLabels', 'nodeSelectorLabels', 'securityContext', 'nlb')
 _CONVOX_SCALE_IGNORED = ('count', 'cpu', 'gpu', 'targets', 'keda', 'vpa', 'min', 'max', 'autoscale')
-_COMPOSE_TOP_IGNORED = ('version', 'volumes', 'networks', 'name', 'secrets', 'configs')
+_COMPOSE_TOP_IGNORED = ('version', 'networks', 'secrets', 'configs')
 # Accepted quietly: they only affect naming/networking/restarts that convox start manages itself.
 _COMPOSE_SERVICE_QUIET = ('container_name', 'networks', 'restart', 'expose', 'deploy')
 _MEMORY_UNITS = {'': 1, 'b': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30, 't': 1 << 40, 'p': 1 << 50}
@@ -2364,6 +2367,9 @@ class Service(object):
         self.volumes = []
         self.links = []
         self.labels = {}
+        self.healthcheck = None   # the engine's Config.Healthcheck, or None for the image's
+        self.conditions = {}      # dependency -> service_started|_healthy|_completed_successfully
+        self.profiles = []        # compose profiles: start only when one is active or named
 
     def __repr__(self):
         return '<Service %s>' % self.name
@@ -2378,6 +2384,9 @@ class Manifest(object):
         self.kind = kind
         self.services = {}
         self.warnings = []
+        self.name = None          # compose's top-level name: (the project name)
+        self.variables = {}       # the environment over .env: what ${VAR} reads
+        self.volume_names = {}    # compose volume key -> its engine name when set by name:/external
 
     def dependencies(self, name):
         """Services `name` needs, transitively, dependencies first and `name` last."""
@@ -2401,6 +2410,24 @@ class Manifest(object):
             order.append(current)
 
         visit(name, [])
+        return order
+
+    def selected(self, profiles):
+        """Every service to start when none is named, dependencies first: those without
+        profiles and those in an active profile ("*": all), as compose selects them."""
+        active = set(profiles)
+        enabled = [name for name, svc in self.services.items()
+                   if not svc.profiles or '*' in active or active & set(svc.profiles)]
+        order = []
+        for name in enabled:
+            for dep in self.dependencies(name):
+                if dep not in enabled:
+                    raise ManifestError('service %s depends on %s, which is only in profile %s — '
+                                        'add --profile %s' % (
+                                            name, dep, ', '.join(self.services[dep].profiles),
+                                            self.services[dep].profiles[0]))
+                if dep not in order:
+                    order.append(dep)
         return order
 
 
@@ -2804,7 +2831,7 @@ def _compose_build(value, ctx, where):
     if isinstance(value, str):
         value = {'context': value}
     _expect(value, dict, ctx, where, 'a path or a mapping with context, dockerfile and args')
-    context, dockerfile, args = '.', 'Dockerfile', {}
+    context, dockerfile, args, target = '.', 'Dockerfile', {}, None
     for key, item in value.items():
         key = _key_str(key, ctx, where)
         at = '%s.%s' % (where, key)
@@ -2814,11 +2841,16 @@ def _compose_build(value, ctx, where):
             dockerfile = _expect(item, str, ctx, at, 'a file name')
         elif key == 'args':
             args = _compose_kv_list(item, ctx, at, ctx.variables.get)
+        elif key == 'target':
+            target = _expect(item, str, ctx, at, 'the name of a build stage')
         else:
             ctx.warn(at)
     if re.match(r'[a-z][a-z0-9+.-]*://', context) or context.startswith('git@'):
         raise ctx.error(where + '.context', 'is a remote URL; only local build folders are supported')
-    return {'context': ctx.path(context), 'dockerfile': dockerfile, 'args': args}
+    build = {'context': ctx.path(context), 'dockerfile': dockerfile, 'args': args}
+    if target:
+        build['target'] = target
+    return build
 
 
 def _compose_command(value, ctx, where):
@@ -2969,11 +3001,75 @@ def _compose_env_files(value, ctx, where):
     return out
 
 
+_CONDITIONS = ('service_started', 'service_healthy', 'service_completed_successfully')
+
+
 def _compose_depends(value, ctx, where):
-    """depends_on: a list, or a mapping whose keys are service names."""
-    if isinstance(value, dict):
-        return [_key_str(k, ctx, where) for k in value]
-    return _string_list(value, ctx, where, 'a list of service names')
+    """depends_on: a list, or a mapping of service -> {condition, required, restart};
+    returns [(service, condition)]."""
+    if not isinstance(value, dict):
+        return [(name, 'service_started')
+                for name in _string_list(value, ctx, where, 'a list of service names')]
+    out = []
+    for key, item in value.items():
+        name = _key_str(key, ctx, where)
+        at = '%s.%s' % (where, name)
+        condition = 'service_started'
+        for option, setting in _expect(item if item is not None else {}, dict, ctx, at,
+                                       'a mapping like {condition: service_healthy}').items():
+            option = _key_str(option, ctx, at)
+            if option == 'condition':
+                condition = setting
+                if condition not in _CONDITIONS:
+                    raise ctx.error(at + '.condition', 'must be one of %s' % ', '.join(_CONDITIONS))
+            elif option not in ('required', 'restart'):
+                ctx.warn('%s.%s' % (at, option))
+        out.append((name, condition))
+    return out
+
+
+_GO_DURATION_UNITS = {'ns': 1, 'us': 10 ** 3, '\u00b5s': 10 ** 3, 'ms': 10 ** 6, 's': 10 ** 9,
+                      'm': 60 * 10 ** 9, 'h': 3600 * 10 ** 9}
+
+
+def _go_duration(value, ctx, where):
+    """A Go duration ("30s", "1m30s", "1.5s", "500ms") in nanoseconds, as compose reads them."""
+    text = value if isinstance(value, str) else ''
+    pieces = re.findall(r'([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|\u00b5s|ms|s|m|h)', text)
+    if not text or ''.join(n + u for n, u in pieces) != text:
+        raise ctx.error(where, 'must be a duration like 30s, 1m30s or 500ms')
+    return int(sum(float(n) * _GO_DURATION_UNITS[u] for n, u in pieces))
+
+
+#: compose healthcheck keys -> the engine's Config.Healthcheck fields (nanosecond durations).
+_HEALTHCHECK_DURATIONS = {'interval': 'Interval', 'timeout': 'Timeout',
+                          'start_period': 'StartPeriod', 'start_interval': 'StartInterval'}
+
+
+def _compose_healthcheck(value, ctx, where):
+    """healthcheck: {test, interval, timeout, retries, start_period, disable} for the engine."""
+    _expect(value, dict, ctx, where, 'a mapping with test, interval, timeout and retries')
+    check = {}
+    for key, item in value.items():
+        key = _key_str(key, ctx, where)
+        at = '%s.%s' % (where, key)
+        if key == 'test':
+            if isinstance(item, str):
+                check['Test'] = ['CMD-SHELL', item]
+            else:
+                check['Test'] = _string_list(item, ctx, at, 'a string or a list like [CMD, ...]')
+                if check['Test'][:1] not in (['CMD'], ['CMD-SHELL'], ['NONE']):
+                    raise ctx.error(at, 'must start with CMD, CMD-SHELL or NONE')
+        elif key in _HEALTHCHECK_DURATIONS:
+            check[_HEALTHCHECK_DURATIONS[key]] = _go_duration(item, ctx, at)
+        elif key == 'retries':
+            check['Retries'] = _expect(item, int, ctx, at, 'a number')
+        elif key == 'disable':
+            if _expect(item, bool, ctx, at, 'true or false'):
+                return {'Test': ['NONE']}
+        else:
+            ctx.warn(at)
+    return check
 
 
 def _compose_memory_from_deploy(value, ctx, where):
@@ -3007,7 +3103,13 @@ def _compose_service(name, where, spec, ctx):
         elif key == 'volumes':
             svc.volumes = _compose_volumes(value, ctx, at)
         elif key == 'depends_on':
-            svc.links.extend(_compose_depends(value, ctx, at))
+            for dep, condition in _compose_depends(value, ctx, at):
+                svc.links.append(dep)
+                svc.conditions[dep] = condition
+        elif key == 'healthcheck':
+            svc.healthcheck = _compose_healthcheck(value, ctx, at)
+        elif key == 'profiles':
+            svc.profiles = _string_list(value, ctx, at, 'a list of profile names')
         elif key == 'links':
             svc.links.extend(link.split(':')[0] for link in _string_list(value, ctx, at))
         elif key == 'mem_limit':
@@ -3037,11 +3139,83 @@ def _build_compose(data, ctx):
                             '"services:" (compose file format 2 or later)')
     for key in top:
         key = _key_str(key, ctx, '')
-        if key != 'services' and key not in _COMPOSE_TOP_IGNORED and not key.startswith('x-'):
+        if key == 'name':
+            ctx.manifest.name = _compose_project_name(top[key], ctx)
+        elif key == 'volumes':
+            ctx.manifest.volume_names = _compose_top_volumes(top[key], ctx)
+        elif key != 'services' and key not in _COMPOSE_TOP_IGNORED and not key.startswith('x-'):
             ctx.warn(key)
     for name, where, spec in _service_map(top, ctx):
         ctx.manifest.services[name] = _compose_service(name, where, spec, ctx)
     _check_links(ctx)
+
+
+def compose_project(cwd, environ):
+    """Compose's project name when the folder's manifest is a compose file (SPEC §3):
+    COMPOSE_PROJECT_NAME from the environment or .env, then the file's name:; else None."""
+    try:
+        path = find_manifest(None, cwd)
+    except ConvoxError:
+        return None
+    if os.path.basename(path) in ('convox.yml', 'convox.yaml'):
+        return None
+    variables = dict(read_dotenv(cwd, environ))
+    variables.update(environ)
+    name = variables.get('COMPOSE_PROJECT_NAME')
+    if name:
+        if normalize_project_name(name) != name:
+            raise ManifestError('COMPOSE_PROJECT_NAME %r is not a valid project name — use '
+                                'lower-case letters, digits, "-" and "_"' % name)
+        return name
+    display = _display_path(path)
+    data = parse_yaml(_read_text(path, display), display)
+    if not isinstance(data, dict) or data.get('name') is None:
+        return None
+    ctx = _Ctx(Manifest(path, 'compose'), display, variables, {})
+    return _compose_project_name(interpolate(data['name'], variables, display)[0], ctx)
+
+
+def normalize_project_name(name):
+    """Compose's NormalizeProjectName: lower-case, only a-z 0-9 _ -, no leading _ or -."""
+    return re.sub(r'[^a-z0-9_-]', '', name.lower()).lstrip('_-')
+
+
+def _compose_project_name(value, ctx):
+    """The top-level name:, normalised as compose does (a name that leaves nothing is an error)."""
+    name = normalize_project_name(_scalar_str(value, ctx, 'name'))
+    if not name:
+        raise ctx.error('name', 'must contain a letter or digit')
+    return name
+
+
+def _compose_top_volumes(value, ctx):
+    """Top-level volumes: -> {key: engine name} for those with name: or external: true; the
+    others are PROJECT_key (as compose names them), decided when the project is known."""
+    names = {}
+    for key, spec in _expect(value if value is not None else {}, dict, ctx, 'volumes',
+                             'a mapping of volume names').items():
+        key = _key_str(key, ctx, 'volumes')
+        where = 'volumes.%s' % key
+        for option, item in _expect(spec if spec is not None else {}, dict, ctx, where,
+                                    'a mapping').items():
+            option = _key_str(option, ctx, where)
+            if option == 'name':
+                names[key] = _scalar_str(item, ctx, where + '.name')
+            elif option == 'external':
+                if _expect(item, bool, ctx, where + '.external', 'true or false'):
+                    names.setdefault(key, key)
+            elif option != 'labels':
+                ctx.warn('%s.%s' % (where, option))
+    return names
+
+
+def read_dotenv(directory, environ):
+    """The .env file of a manifest's folder as a dict (empty when there is none)."""
+    path = os.path.join(directory, '.env')
+    if not os.path.isfile(path):
+        return {}
+    display = _display_path(path)
+    return parse_env_file(_read_text(path, display), display)
 
 
 def load_manifest(path, environ):
@@ -3053,13 +3227,10 @@ def load_manifest(path, environ):
         raise ManifestError('%s: file not found' % display)
     data = parse_yaml(_read_text(full, display), display)
     manifest = Manifest(full, kind)
-    dotenv_path = os.path.join(manifest.directory, '.env')
-    dotenv = {}
-    if os.path.isfile(dotenv_path):
-        dotenv_display = _display_path(dotenv_path)
-        dotenv = parse_env_file(_read_text(dotenv_path, dotenv_display), dotenv_display)
+    dotenv = read_dotenv(manifest.directory, environ)
     variables = dict(dotenv)
     variables.update(environ)
+    manifest.variables = variables
     data, missing = interpolate(data, variables, display, braces_only=(kind == 'convox'))
     for name in missing:
         manifest.warnings.append('%s: variable %s is not set; using an empty string' % (display, name))
@@ -3919,6 +4090,7 @@ class LocalApp:
         labels = {LABEL_APP: self.app, LABEL_SERVICE: service.name,
                   LABEL_RELEASE: self.release}
         query = {"t": tag, "dockerfile": build.get("dockerfile") or "Dockerfile",
+                 "target": build.get("target"),
                  "labels": json.dumps(labels), "rm": "1", "forcerm": "1",
                  "buildargs": json.dumps(build.get("args") or {}),
                  "nocache": "1" if no_cache else None}
@@ -4012,12 +4184,14 @@ class LocalApp:
             config["Cmd"] = command if command is not None else service.command
         if service.entrypoint is not None:
             config["Entrypoint"] = service.entrypoint
+        if service.healthcheck is not None:
+            config["Healthcheck"] = service.healthcheck
         binds, anonymous = [], {}
         for volume in service.volumes:
             if volume["type"] == "bind" or volume["source"]:
                 source = volume["source"]
                 if volume["type"] == "volume":
-                    source = "%s-%s" % (self.app, source)
+                    source = self.volume_name(source)
                 binds.append("%s:%s%s" % (source, volume["target"],
                                           ":ro" if volume.get("read_only") else ""))
             else:
@@ -4036,6 +4210,53 @@ class LocalApp:
             config["ExposedPorts"] = exposed
             config["HostConfig"]["PortBindings"] = bindings
         return config
+
+    def volume_name(self, key):
+        """The engine's name of a named volume: compose's (PROJECT_key, or the name: or
+        external name the file gives), so data is shared with `docker compose up`."""
+        if self.manifest.kind != "compose":
+            return "%s-%s" % (self.app, key)
+        return self.manifest.volume_names.get(key) or "%s_%s" % (self.app, key)
+
+    def await_dependencies(self, name, printer, signal_fd=None):
+        """Wait until the services ``name`` depends on meet their compose conditions
+        (service_healthy, service_completed_successfully); False if a stop was asked for."""
+        for dep, condition in self.manifest.services[name].conditions.items():
+            if condition != "service_started" and dep in self.containers:
+                printer.say("%s waits for %s (%s)" % (name, dep, condition))
+                if not self.await_condition(name, dep, condition, signal_fd):
+                    return False
+        return True
+
+    def await_condition(self, name, dep, condition, signal_fd):
+        """Poll dependency ``dep``'s state until ``condition`` holds (compose waits as long
+        as it takes: the healthcheck's retries end it); raise when it can never hold."""
+        while True:
+            state = self.engine.inspect(self.containers[dep])["State"]
+            health = (state.get("Health") or {}).get("Status")
+            running = state.get("Running") or state.get("Status") in ("created", "restarting")
+            if condition == "service_healthy":
+                if health == "healthy":
+                    return True
+                if health is None:
+                    raise ConvoxError("%s waits for %s to be healthy, but %s has no healthcheck "
+                                      "— add one to %s or use condition: service_started"
+                                      % (name, dep, dep, dep))
+                if health == "unhealthy" or not running:
+                    raise ConvoxError("%s is %s — %s cannot start; see %s's output above"
+                                      % (dep, "unhealthy" if running else "exited with code %s"
+                                         % state.get("ExitCode"), name, dep))
+            elif not running:
+                if state.get("ExitCode") == 0:
+                    return True
+                raise ConvoxError("%s exited with code %s, but %s needs it to complete "
+                                  "successfully — fix %s" % (dep, state.get("ExitCode"), name, dep))
+            if signal_fd is None:
+                time.sleep(0.25)
+            elif select.select([signal_fd], [], [], 0.25)[0] and any(
+                    signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                    for signum in _drain_signals(signal_fd)):
+                return False
 
     def template(self, name):
         """An inspect-like view of service ``name`` for `run`'s one-off config."""
@@ -4207,9 +4428,8 @@ def cmd_start(ctx):
     if args.target:
         names = manifest.dependencies(args.target)
     else:
-        names = []
-        for name in manifest.services:
-            names += [n for n in manifest.dependencies(name) if n not in names]
+        profiles = args.profile or manifest.variables.get("COMPOSE_PROFILES", "").split(",")
+        names = manifest.selected(word.strip() for word in profiles if word.strip())
     command = command_words(args.command) if args.command else None
     local = LocalApp(engine, app, manifest, new_release())
     stdio = ctx.stdio
@@ -4236,6 +4456,10 @@ def start_services(local, names, printer):
                 streams[name] = local.engine.hijack("/containers/%s/attach" % ident, query={
                     "stream": 1, "stdout": 1, "stderr": 1})
             for name in names:
+                if not local.await_dependencies(name, printer, pipe.fd):
+                    printer.say("stopping")
+                    local.stop_all(grace=0)
+                    return 0
                 printer.say("starting %s" % name)
                 local.engine.start(local.containers[name])
             outcome, status = follow(local, streams, printer, pipe.fd)
@@ -4251,9 +4475,11 @@ def start_command(ctx, local, names, command, printer):
     """`start SERVICE COMMAND`: dependencies in the background, COMMAND as a one-off."""
     service = names[-1]
     for name in names[:-1]:
+        local.await_dependencies(name, printer)
         printer.say("starting %s" % name)
         local.engine.start(local.create(name))
     try:
+        local.await_dependencies(service, printer)
         return run_one_off(ctx, local.template(service), command, app=local.app,
                            service=service)
     finally:
@@ -4341,6 +4567,9 @@ def build_parser():
                        help="manifest (default: convox.yml, else docker-compose.yml)")
     start.add_argument("--no-build", action="store_true", help="use the last build")
     start.add_argument("--no-cache", action="store_true", help="build without cache")
+    start.add_argument("--profile", action="append", metavar="P",
+                       help="also start compose services of this profile (repeatable; "
+                       "default: COMPOSE_PROFILES)")
     start.set_defaults(handler=cmd_start, detach=False, timeout=None, memory=None)
     return parser
 

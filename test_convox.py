@@ -1512,6 +1512,7 @@ class LoadManifestTest(unittest.TestCase):
             'volumes': [],
             'links': ['redis'],
             'labels': {},
+            'healthcheck': None, 'conditions': {}, 'profiles': [],
         })
         self.assertEqual(vars(worker), {
             'name': 'worker',
@@ -1531,6 +1532,7 @@ class LoadManifestTest(unittest.TestCase):
             ],
             'links': ['redis', 'web'],
             'labels': {},
+            'healthcheck': None, 'conditions': {}, 'profiles': [],
         })
         self.assertEqual((redis.build, redis.image, redis.command, redis.environment, redis.ports),
                          (None, 'redis:7.2', None, base_env,
@@ -1603,6 +1605,8 @@ class LoadManifestTest(unittest.TestCase):
             ],
             'links': ['db', 'cache'],
             'labels': {'com.example.role': 'web', 'com.example.flag': ''},
+            'healthcheck': None, 'conditions': {'db': 'service_healthy'},
+            'profiles': [],
         })
         self.assertEqual((db.image, db.environment, db.memory, db.labels, db.build),
                          ('postgres:15', {'POSTGRES_PASSWORD': 'devpass', 'POSTGRES_DB': 'app'}, 256,
@@ -1711,6 +1715,161 @@ class LoadManifestTest(unittest.TestCase):
         with self.assertRaises(convox.ManifestError) as caught:
             convox.load_manifest('nope/convox.yml', {})
         self.assertEqual(str(caught.exception), 'nope/convox.yml: file not found')
+
+
+COMPOSE_RUNTIME_KEYS = """\
+name: My_Shop
+services:
+  web:
+    build:
+      context: .
+      target: app
+    healthcheck:
+      test: curl -f http://localhost/
+      interval: 1m30s
+      timeout: 1.5s
+      retries: 3
+      start_period: 500ms
+    depends_on:
+      db:
+        condition: service_healthy
+        restart: true
+      migrate:
+        condition: service_completed_successfully
+      cache:
+    volumes: [data:/data, shared:/shared, ext:/ext]
+  db:
+    image: postgres
+    healthcheck:
+      test: [CMD, pg_isready]
+  migrate:
+    image: x
+    healthcheck:
+      disable: true
+  cache:
+    image: x
+  debug:
+    image: x
+    profiles: [debug, tools]
+    depends_on: [web]
+  admin:
+    image: x
+    profiles: [admin]
+    depends_on: [debug]
+volumes:
+  data:
+  shared:
+    name: team-shared
+  ext:
+    external: true
+"""
+
+
+class ComposeRuntimeKeysTest(unittest.TestCase):
+    """Keys that change what runs: build.target, healthcheck, depends_on conditions,
+    profiles, named volumes and the project name (SPEC §3, §7.1)."""
+
+    def setUp(self):
+        self.dir = os.path.realpath(tempfile.mkdtemp(prefix='manifest-test-'))
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def load(self, text, name='compose.yaml', environ=None, dotenv=None):
+        with open(os.path.join(self.dir, name), 'w') as handle:
+            handle.write(text)
+        if dotenv is not None:
+            with open(os.path.join(self.dir, '.env'), 'w') as handle:
+                handle.write(dotenv)
+        return convox.load_manifest(os.path.join(self.dir, name), environ or {})
+
+    def test_keys(self):
+        m = self.load(COMPOSE_RUNTIME_KEYS)
+        web = m.services['web']
+        self.assertEqual(m.warnings, [])
+        self.assertEqual(m.name, 'my_shop')
+        self.assertEqual(web.build['target'], 'app')
+        self.assertEqual(web.healthcheck, {
+            'Test': ['CMD-SHELL', 'curl -f http://localhost/'], 'Interval': 90 * 10 ** 9,
+            'Timeout': 1500 * 10 ** 6, 'Retries': 3, 'StartPeriod': 500 * 10 ** 6})
+        self.assertEqual(m.services['db'].healthcheck, {'Test': ['CMD', 'pg_isready']})
+        self.assertEqual(m.services['migrate'].healthcheck, {'Test': ['NONE']})
+        self.assertEqual(web.conditions, {'db': 'service_healthy',
+                                          'migrate': 'service_completed_successfully',
+                                          'cache': 'service_started'})
+        self.assertEqual(m.volume_names, {'shared': 'team-shared', 'ext': 'ext'})
+        local = convox.LocalApp(None, 'shop', m, 'R1')
+        local.images = dict.fromkeys(m.services, 'img')
+        config = local.container_config('web')
+        self.assertEqual(config['HostConfig']['Binds'],
+                         ['shop_data:/data', 'team-shared:/shared', 'ext:/ext'])
+        self.assertEqual(config['Healthcheck'], web.healthcheck)
+        self.assertNotIn('Healthcheck', local.container_config('cache'))
+
+    def test_convox_volumes_keep_their_names(self):
+        m = self.load('services:\n  web:\n    image: x\n    volumes: [data:/data]\n',
+                      'convox.yml')
+        local = convox.LocalApp(None, 'shop', m, 'R1')
+        local.images = {'web': 'img'}
+        self.assertEqual(local.container_config('web')['HostConfig']['Binds'],
+                         ['shop-data:/data'])
+
+    def test_profiles(self):
+        m = self.load(COMPOSE_RUNTIME_KEYS)
+        self.assertEqual(m.selected([]), ['db', 'migrate', 'cache', 'web'])
+        self.assertEqual(m.selected(['tools']), ['db', 'migrate', 'cache', 'web', 'debug'])
+        self.assertEqual(m.selected(['*']), ['db', 'migrate', 'cache', 'web', 'debug', 'admin'])
+        with self.assertRaises(convox.ManifestError) as caught:
+            m.selected(['admin'])
+        self.assertEqual(str(caught.exception), 'service admin depends on debug, which is only '
+                                                'in profile debug, tools — add --profile debug')
+        # A service named on the command line starts whatever its profiles (compose's rule).
+        self.assertEqual(m.dependencies('debug'), ['db', 'migrate', 'cache', 'web', 'debug'])
+
+    def test_errors(self):
+        cases = [
+            ('    depends_on:\n      db:\n        condition: service_ready\n',
+             'services.web.depends_on.db.condition must be one of service_started, '
+             'service_healthy, service_completed_successfully'),
+            ('    healthcheck:\n      test: [RUN, x]\n',
+             'services.web.healthcheck.test must start with CMD, CMD-SHELL or NONE'),
+            ('    healthcheck:\n      interval: 10\n',
+             'services.web.healthcheck.interval must be a duration like 30s, 1m30s or 500ms'),
+            ('    healthcheck:\n      interval: 5 s\n',
+             'services.web.healthcheck.interval must be a duration like 30s, 1m30s or 500ms'),
+            ('    build:\n      target: [a]\n',
+             'services.web.build.target must be the name of a build stage'),
+        ]
+        for text, expected in cases:
+            with self.subTest(text):
+                with self.assertRaises(convox.ManifestError) as caught:
+                    self.load('services:\n  web:\n    image: x\n' + text +
+                              '  db:\n    image: x\n')
+                self.assertTrue(str(caught.exception).endswith('/compose.yaml: ' + expected),
+                                str(caught.exception))
+
+    def test_project_name(self):
+        self.load('name: ${TEAM:-x}-Shop\nservices:\n  web:\n    image: x\n')
+        cases = [({}, None, ('x-shop', False)),
+                 ({'TEAM': 'blue'}, None, ('blue-shop', False)),
+                 ({}, 'COMPOSE_PROJECT_NAME=from-dotenv\n', ('from-dotenv', False)),
+                 ({'COMPOSE_PROJECT_NAME': 'env'}, 'COMPOSE_PROJECT_NAME=dotenv\n', ('env', False)),
+                 ({'CONVOX_APP': 'convox-app', 'COMPOSE_PROJECT_NAME': 'env'}, None,
+                  ('convox-app', False))]
+        for environ, dotenv, expected in cases:
+            with self.subTest(environ=environ, dotenv=dotenv):
+                with open(os.path.join(self.dir, '.env'), 'w') as handle:
+                    handle.write(dotenv or '')
+                self.assertEqual(convox.resolve_app(None, environ, self.dir), expected)
+        with self.assertRaises(convox.ManifestError) as caught:
+            convox.resolve_app(None, {'COMPOSE_PROJECT_NAME': 'Bad Name'}, self.dir)
+        self.assertIn("'Bad Name' is not a valid project name", str(caught.exception))
+        # No name anywhere: the folder's name; a convox.yml is not a compose project.
+        os.remove(os.path.join(self.dir, 'compose.yaml'))
+        self.load('services:\n  web:\n    image: x\n')
+        folder = convox.normalize_app_name(os.path.basename(self.dir))
+        self.assertEqual(convox.resolve_app(None, {}, self.dir), (folder, True))
+        self.load('services:\n  web:\n    image: x\n', 'convox.yml')
+        self.assertEqual(convox.resolve_app(None, {'COMPOSE_PROJECT_NAME': 'p'}, self.dir),
+                         (folder, True))
 
 
 # ---------------------------------------------------------------- .dockerignore
