@@ -77,6 +77,8 @@ LABEL_TYPE = "convox.type"
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 COMPOSE_ONEOFF = "com.docker.compose.oneoff"
+#: `docker stack deploy` labels its services with the stack (the app, SPEC §3).
+STACK_NAMESPACE = "com.docker.stack.namespace"
 
 #: The newest Engine API version this tool knows; the engine's own is used when lower.
 API_VERSION_MAX = "1.45"

@@ -13,6 +13,7 @@ CONVOX_TEST_SLOW=1 adds the slow group (hundreds of containers, long soaks).
 Everything a test creates carries the label convox.test=RUN_ID and is removed at the end.
 """
 
+import atexit
 import contextlib
 import hashlib
 import io
@@ -33,6 +34,7 @@ import tempfile
 import termios
 import fcntl
 import gc
+import glob
 import threading
 import time
 import unittest
@@ -148,27 +150,12 @@ class Harness:
         busybox = shutil.which("busybox") or "/bin/busybox"
         if not os.path.exists(busybox):
             raise RuntimeError("busybox is not installed — install it: " + INSTALL_HINT)
-        dockerfile = ('FROM scratch\nCOPY busybox /bin/busybox\n'
-                      'RUN ["/bin/busybox","--install","-s","/bin"]\n')
         self.image = "convox-test:%s" % RUN_ID
-        self.build(self.image, dockerfile, {"busybox": busybox})
+        self.build(self.image, TEST_DOCKERFILE, {"busybox": busybox})
 
     def build(self, tag, dockerfile, files=None, labels=None):
         """Build an image through the API from a Dockerfile and {name: local path}."""
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            data = dockerfile.encode("utf-8")
-            info = tarfile.TarInfo("Dockerfile")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-            for name, path in (files or {}).items():
-                tar.add(path, arcname=name)
-        all_labels = {TEST_LABEL: RUN_ID}
-        all_labels.update(labels or {})
-        query = {"t": tag, "rm": "1", "forcerm": "1", "labels": json.dumps(all_labels)}
-        for _ in self.engine.build([buffer.getvalue()], query):
-            pass
-        return tag
+        return build_image(self.engine, tag, dockerfile, files, labels)
 
     def env(self, **extra):
         """The environment a convox subprocess gets: this engine, no inferred app."""
@@ -223,11 +210,320 @@ class Harness:
                 shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
+TEST_DOCKERFILE = ('FROM scratch\nCOPY busybox /bin/busybox\n'
+                   'RUN ["/bin/busybox","--install","-s","/bin"]\n')
+
+
+def build_image(engine, tag, dockerfile, files=None, labels=None):
+    """Build an image through the API from a Dockerfile and {name: local path}."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        data = dockerfile.encode("utf-8")
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        for name, path in (files or {}).items():
+            tar.add(path, arcname=name)
+    all_labels = {TEST_LABEL: RUN_ID}
+    all_labels.update(labels or {})
+    query = {"t": tag, "rm": "1", "forcerm": "1", "labels": json.dumps(all_labels)}
+    for _ in engine.build([buffer.getvalue()], query):
+        pass
+    return tag
+
+
+class SwarmCluster:
+    """A Swarm of our own: three private dockerds, each in a network namespace of its own,
+    joined over a bridge in a fourth ("hub") namespace; one veth reaches the hub from here.
+
+    Nothing touches the host's engine or its networks: addresses come from a private /24
+    assigned only inside these namespaces and on our own veth, every name carries a token
+    of this run, and ``close`` removes namespaces, links, cgroups and processes on every
+    path.  Node 1 is the manager, the others are workers.
+    """
+
+    def __init__(self, nodes=3):
+        self.token = "%04x%s" % (os.getpid() & 0xffff, os.urandom(1).hex())  # 6 hex digits
+        self.folder = tempfile.mkdtemp(prefix="convox-test-swarm-")
+        self.hub = "cvx%s-hub" % self.token
+        self.names = ["cvx%s-n%d" % (self.token, i) for i in range(1, nodes + 1)]
+        self.link = "cvx%sr" % self.token  # our end of the veth into the hub (<= 15 bytes)
+        self.cgroups = ["cvx%s-n%d" % (self.token, i) for i in range(1, nodes + 1)]
+        self.prefix = None
+        self.addrs = []
+        self.procs = []
+        self.engines = []
+        self.hostnames = ["cvx%s-node%d" % (self.token, i) for i in range(1, nodes + 1)]
+
+    # -- bring-up --------------------------------------------------------------------------
+
+    def start(self, image_tag, dockerfile=TEST_DOCKERFILE, files=None):
+        started = time.monotonic()
+        try:
+            self._network()
+            for index in range(len(self.names)):
+                self._start_node(index)
+            for index in range(len(self.names)):
+                self.engines.append(self._await_node(index))
+            self._join()
+            self._load_image(image_tag, dockerfile, files)
+        except BaseException:
+            self.close()
+            raise
+        self.bring_up = time.monotonic() - started
+
+    @staticmethod
+    def _ip(*args):
+        subprocess.run(["ip"] + list(args), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=30)
+
+    def _free_prefix(self):
+        """A 10.234.N /24 that nothing here routes yet (ours only inside the namespaces)."""
+        routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"],
+                                stdout=subprocess.PIPE, timeout=30).stdout.decode()
+        for _ in range(50):
+            prefix = "10.234.%d" % random.randrange(1, 255)
+            if prefix + "." not in routes:
+                return prefix
+        raise RuntimeError("no free 10.234.N.0/24 for the test Swarm")
+
+    def _network(self):
+        self.prefix = self._free_prefix()
+        for name in [self.hub] + self.names:
+            self._ip("netns", "add", name)
+        self._ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        self._ip("-n", self.hub, "link", "set", "br0", "up")
+        for index, name in enumerate(self.names):
+            addr = "%s.%d" % (self.prefix, index + 1)
+            self.addrs.append(addr)
+            self._ip("-n", self.hub, "link", "add", "v%d" % (index + 1), "type", "veth",
+                     "peer", "name", "eth0", "netns", name)
+            self._ip("-n", self.hub, "link", "set", "v%d" % (index + 1), "master", "br0", "up")
+            self._ip("-n", name, "addr", "add", addr + "/24", "dev", "eth0")
+            self._ip("-n", name, "link", "set", "eth0", "up")
+            self._ip("-n", name, "link", "set", "lo", "up")
+        self._ip("link", "add", self.link, "type", "veth", "peer", "name", "up0",
+                 "netns", self.hub)
+        self._ip("-n", self.hub, "link", "set", "up0", "master", "br0", "up")
+        self._ip("addr", "add", self.prefix + ".254/24", "dev", self.link)
+        self._ip("link", "set", self.link, "up")
+        route = subprocess.run(["ip", "route", "get", self.addrs[0]], stdout=subprocess.PIPE,
+                               timeout=30).stdout.decode()
+        if " dev %s " % self.link not in route:
+            raise RuntimeError("the route to the test Swarm does not go via %s: %s" %
+                               (self.link, route.strip()))
+
+    def _start_node(self, index):
+        folder = os.path.join(self.folder, "n%d" % (index + 1))
+        os.mkdir(folder)
+        config = os.path.join(folder, "daemon.json")
+        with open(config, "w") as handle:
+            json.dump({
+                # Without a key path of its own every node reports the same engine ID.
+                "deprecated-key-path": os.path.join(folder, "key.json"),
+                "cgroup-parent": "/" + self.cgroups[index],
+                "shutdown-timeout": 2,
+            }, handle)
+        env = dict(os.environ, DOCKER_SERVICE_PREFER_OFFLINE_IMAGE="1")  # no registry here
+        env.pop("NOTIFY_SOCKET", None)
+        log = open(os.path.join(folder, "dockerd.log"), "wb")
+        # `ip netns exec` remounts /sys, and dockerd then finds no devices cgroup: enter
+        # the network namespace with nsenter and give dockerd a mount and UTS namespace.
+        script = 'hostname "$1" && shift && exec "$@"'
+        self.procs.append(subprocess.Popen(
+            ["nsenter", "--net=/run/netns/" + self.names[index], "--",
+             "unshare", "--mount", "--uts", "--propagation", "private", "--",
+             "sh", "-c", script, "sh", self.hostnames[index], shutil.which("dockerd"),
+             "--config-file", config,
+             "--data-root", os.path.join(folder, "data"),
+             "--exec-root", os.path.join(folder, "exec"),
+             "--pidfile", os.path.join(folder, "dockerd.pid"),
+             "-H", "unix://" + os.path.join(folder, "docker.sock"),
+             "-H", "tcp://%s:2375" % self.addrs[index], "--tls=false"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd="/"))
+        log.close()
+
+    def socket_url(self, index):
+        return "unix://" + os.path.join(self.folder, "n%d" % (index + 1), "docker.sock")
+
+    def tcp_url(self, index):
+        return "tcp://%s:2375" % self.addrs[index]
+
+    def _await_node(self, index, timeout=60):
+        engine = convox.Engine(convox.parse_rack(self.socket_url(index), {}), {})
+        for _ in deadline_loop(timeout, 0.1):
+            if self.procs[index].poll() is not None:
+                break
+            try:
+                engine.api_version()
+                return engine
+            except convox.ConvoxError:
+                engine.close()
+        raise RuntimeError("node %d of the test Swarm did not start: %s" %
+                           (index + 1, self.log_tail(index)))
+
+    def log_tail(self, index):
+        with open(os.path.join(self.folder, "n%d" % (index + 1), "dockerd.log"), "rb") as h:
+            return h.read()[-1500:].decode("utf-8", "replace")
+
+    def _join(self):
+        manager = self.engines[0]
+        manager.request("POST", "/swarm/init", body={
+            "ListenAddr": "%s:2377" % self.addrs[0], "AdvertiseAddr": self.addrs[0],
+            # Overlay subnets from a pool of our own, away from the nodes' /24.
+            "DefaultAddrPool": ["10.235.0.0/16"], "SubnetSize": 24})
+        token = manager.request("GET", "/swarm")["JoinTokens"]["Worker"]
+        for index, engine in enumerate(self.engines[1:], 1):
+            engine.request("POST", "/swarm/join", body={
+                "ListenAddr": "%s:2377" % self.addrs[index],
+                "AdvertiseAddr": self.addrs[index],
+                "RemoteAddrs": ["%s:2377" % self.addrs[0]], "JoinToken": token})
+        for _ in deadline_loop(60, 0.1):
+            nodes = manager.request("GET", "/nodes")
+            if len(nodes) == len(self.engines) and all(
+                    n["Status"]["State"] == "ready" for n in nodes):
+                self.nodes = {n["Description"]["Hostname"]: n for n in nodes}
+                return
+        raise RuntimeError("the test Swarm's nodes did not all become ready: %r" % nodes)
+
+    def _load_image(self, tag, dockerfile, files):
+        """Build once on the manager; the same image (same ID) is loaded onto the others."""
+        build_image(self.engines[0], tag, dockerfile, files)
+        manager = self.engines[0]
+        conn = manager.connect(60)
+        conn.request("GET", manager.url("/images/%s/get" % tag))
+        archive = conn.getresponse().read()
+        conn.close()
+        for engine in self.engines[1:]:
+            conn = engine.connect(60)
+            conn.request("POST", engine.url("/images/load", {"quiet": "1"}), body=archive,
+                         headers={"Content-Type": "application/x-tar"})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            if response.status != 200:
+                raise RuntimeError("loading the test image onto a node: %d" % response.status)
+        self.image = tag
+
+    # -- tear-down -------------------------------------------------------------------------
+
+    def close(self):
+        """Stop everything and remove every trace; -> a list of what could not be removed."""
+        for engine in self.engines:
+            engine.close()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        for _ in range(2):
+            for pid in self.processes():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        for name in self.names + [self.hub]:
+            subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL, timeout=30)
+        subprocess.run(["ip", "link", "del", self.link], stderr=subprocess.DEVNULL, timeout=30)
+        for path in self.cgroup_dirs():
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        for mount in sorted(self.mounts(), reverse=True):
+            subprocess.run(["umount", "-l", mount], stderr=subprocess.DEVNULL, timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return self.leftovers()
+
+    def cgroup_dirs(self):
+        """Our cgroup folders, deepest first."""
+        found = []
+        for controller in glob.glob("/sys/fs/cgroup/*"):
+            for name in self.cgroups:
+                top = os.path.join(controller, name)
+                for root, _, _ in os.walk(top):
+                    found.append(root)
+        return sorted(found, key=len, reverse=True)
+
+    def processes(self):
+        """PIDs of what runs in our cgroups or names our folder (dockerds, containerds,
+        shims, and the tasks' own processes)."""
+        pids = set(pids_where(lambda words: any(self.folder.encode() in w for w in words)))
+        for path in self.cgroup_dirs():
+            with contextlib.suppress(OSError):
+                with open(os.path.join(path, "cgroup.procs")) as handle:
+                    pids.update(int(line) for line in handle if line.strip())
+        return sorted(pids - {os.getpid()})
+
+    def mounts(self):
+        with open("/proc/self/mounts") as handle:
+            return [line.split()[1] for line in handle
+                    if line.split()[1].startswith(self.folder) or self.token in line]
+
+    def leftovers(self):
+        """What of this Swarm is still there (empty when all is gone)."""
+        left = []
+        netns = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE,
+                               timeout=30).stdout.decode()
+        left += ["netns " + n for n in netns.split() if self.token in n]
+        links = subprocess.run(["ip", "-o", "link"], stdout=subprocess.PIPE,
+                               timeout=30).stdout.decode()
+        left += ["link " + line.split(":")[1].strip() for line in links.splitlines()
+                 if self.token in line]
+        left += ["mount " + m for m in self.mounts()]
+        left += ["process %d" % pid for pid in self.processes()]
+        left += ["cgroup " + path for path in self.cgroup_dirs()]
+        if os.path.exists(self.folder):
+            left.append("folder " + self.folder)
+        return left
+
+class SwarmHarness:
+    """The one test Swarm of the run, started by the first Swarm test, removed at the end."""
+
+    TOOLS = ("ip", "nsenter", "unshare", "dockerd")
+
+    def __init__(self):
+        self.cluster = None
+        self.problem = None
+
+    def setup(self):
+        if self.cluster or self.problem:
+            return
+        missing = [tool for tool in self.TOOLS if not shutil.which(tool)]
+        if os.geteuid() != 0 or missing:
+            self.problem = "a test Swarm needs root and %s%s" % (
+                ", ".join(self.TOOLS), " (missing: %s)" % ", ".join(missing) if missing else "")
+            return
+        busybox = shutil.which("busybox") or "/bin/busybox"
+        cluster = SwarmCluster()
+        try:
+            cluster.start("convox-test:%s" % RUN_ID, files={"busybox": busybox})
+        except Exception as exc:  # noqa: BLE001 - reported as the skip/failure reason
+            self.problem = "the test Swarm did not come up: %s: %s" % (type(exc).__name__, exc)
+            sys.stderr.write("test: %s\n" % self.problem)
+            return
+        self.cluster = cluster
+        atexit.register(self.cleanup)  # also when the run ends in a way that skips the rest
+
+    def cleanup(self):
+        """Remove the Swarm; raise when anything of it is left."""
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            left = cluster.close()
+            if left:
+                raise RuntimeError("the test Swarm left: %s" % ", ".join(left))
+
+
 HARNESS = Harness()
+SWARM = SwarmHarness()
 
 
 def tearDownModule():
-    HARNESS.cleanup()
+    try:
+        HARNESS.cleanup()
+    finally:
+        SWARM.cleanup()
 
 
 class EngineTestCase(unittest.TestCase):
@@ -3496,6 +3792,151 @@ class RunTerminalTest(TerminalTestCase):
 
 
 # ==========================================================================================
+# Swarm racks: the run's own 3-node Swarm
+# ==========================================================================================
+
+class SwarmTestCase(unittest.TestCase):
+    """A test against the run's own Swarm (node 1 manages, nodes 2 and 3 work), reached as
+    a user would reach it: the manager's tcp://ADDR:2375."""
+
+    @classmethod
+    def setUpClass(cls):
+        SWARM.setup()
+        if SWARM.cluster is None:
+            message = "Swarm unavailable: %s" % SWARM.problem
+            if REQUIRE_ENGINE:
+                raise RuntimeError(message)
+            raise unittest.SkipTest(message)
+        cls.cluster = SWARM.cluster
+        cls.manager = cls.cluster.engines[0]
+        cls.image = cls.cluster.image
+        cls.rack_url = cls.cluster.tcp_url(0)
+
+    def env(self, **extra):
+        env = {"CONVOX_RACK": self.rack_url, "DOCKER_HOST": self.rack_url}
+        env.update(extra)
+        return HARNESS.env(**env)
+
+    def convox(self, *args, input=None, timeout=120, env=None):
+        """Run convox.py against the Swarm's manager; -> CompletedProcess with bytes."""
+        return subprocess.run([sys.executable, CONVOX] + list(args), input=input,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=timeout, env=self.env(**(env or {})), cwd=HERE)
+
+    def pty(self, *args, rows=30, cols=100, env=None):
+        session = PtySession(args, rows=rows, cols=cols, env=self.env(**(env or {})))
+        self.addCleanup(session.close)
+        return session
+
+    def service(self, app, name, replicas=3, command=("sleep", "3600"), memory=None,
+                stack=False, constraints=None, env=None):
+        """A labelled Swarm service of the app (``stack``: as `docker stack deploy`
+        labels it), removed at the end; -> its ID once ``replicas`` tasks run."""
+        labels = {TEST_LABEL: RUN_ID}
+        if stack:
+            labels[convox.STACK_NAMESPACE] = app
+            full_name = "%s_%s" % (app, name)
+        else:
+            labels.update({convox.LABEL_APP: app, convox.LABEL_SERVICE: name})
+            full_name = "%s-%s" % (app, name)
+        spec = {
+            "Name": full_name, "Labels": labels,
+            "TaskTemplate": {
+                "ContainerSpec": {"Image": self.image, "Command": list(command), "Init": True,
+                                  "Env": list(env or []), "Labels": dict(labels)},
+                "Resources": {"Limits": {"MemoryBytes": (memory or 0) * 1024 * 1024}},
+                "Placement": {"Constraints": list(constraints or [])},
+            },
+            "Mode": {"Replicated": {"Replicas": replicas}},
+            "EndpointSpec": {"Mode": "dnsrr"},  # no VIPs in these namespaces
+        }
+        ident = self.manager.request("POST", "/services/create", body=spec)["ID"]
+        self.addCleanup(self.remove_service, ident)
+        self.running_tasks(ident, replicas)
+        return ident
+
+    def remove_service(self, ident):
+        with contextlib.suppress(convox.NotFound):
+            self.manager.request("DELETE", "/services/%s" % ident)
+
+    def running_tasks(self, service, count, within=60):
+        """The service's tasks once ``count`` of them run (a deadline, as every wait)."""
+        for _ in deadline_loop(within, 0.1):
+            tasks = self.manager.request("GET", "/tasks", {"filters": {
+                "service": [service], "desired-state": ["running"]}})
+            running = [t for t in tasks if t["Status"]["State"] == "running"]
+            if len(running) >= count:
+                return running
+        self.fail("%d tasks of %s not running within %ss: %r" % (
+            count, service, within, [t["Status"] for t in tasks]))
+
+    def services_of(self, app):
+        """Swarm services labelled with the app (one-offs included)."""
+        return self.manager.request("GET", "/services", {"filters": {
+            "label": ["%s=%s" % (convox.LABEL_APP, app)]}})
+
+    def assertNoServiceLeft(self, app, within=20):
+        for _ in deadline_loop(within, 0.2):
+            left = [s for s in self.services_of(app)
+                    if s["Spec"]["Labels"].get(convox.LABEL_TYPE) == "process"]
+            if not left:
+                return
+        self.fail("one-off services of %s remain: %r" % (app, [s["Spec"]["Name"] for s in left]))
+
+    def node_of(self, task):
+        """The index (0 = manager) of the node a task runs on."""
+        hostname = [h for h, n in self.cluster.nodes.items() if n["ID"] == task["NodeID"]][0]
+        return self.cluster.hostnames.index(hostname)
+
+
+class SwarmHarnessTest(SwarmTestCase):
+    def test_three_nodes_of_their_own(self):
+        nodes = self.manager.request("GET", "/nodes")
+        self.assertEqual(sorted(n["Spec"]["Role"] for n in nodes),
+                         ["manager", "worker", "worker"])
+        self.assertTrue(all(n["Status"]["State"] == "ready" for n in nodes))
+        infos = [engine.request("GET", "/info") for engine in self.cluster.engines]
+        self.assertEqual(len({info["ID"] for info in infos}), 3)  # engine IDs differ
+        self.assertEqual([info["Swarm"]["ControlAvailable"] for info in infos],
+                         [True, False, False])
+        # The same image, by ID, on every node: no node tries a registry.
+        ids = {engine.request("GET", "/images/%s/json" % self.image)["Id"]
+               for engine in self.cluster.engines}
+        self.assertEqual(len(ids), 1)
+
+    def test_the_host_engine_stays_out(self):
+        rack = convox.resolve_rack(None, os.environ)
+        engine = convox.Engine(rack, {})
+        self.addCleanup(engine.close)
+        try:
+            info = engine.request("GET", "/info")
+        except convox.ConvoxError:
+            self.skipTest("no host engine answers at %s" % rack.url)
+        ours = {node["ID"] for node in self.manager.request("GET", "/nodes")}
+        self.assertNotIn((info.get("Swarm") or {}).get("NodeID"), ours)
+
+    def test_tear_down_leaves_nothing(self):
+        cluster = SwarmCluster(nodes=1)
+        try:
+            cluster.start("convox-test:%s-teardown" % RUN_ID,
+                          files={"busybox": shutil.which("busybox") or "/bin/busybox"})
+            engine = cluster.engines[0]
+            engine.request("POST", "/services/create", body={
+                "Name": "left", "TaskTemplate": {"ContainerSpec": {
+                    "Image": cluster.image, "Command": ["sleep", "3600"]}},
+                "Mode": {"Replicated": {"Replicas": 1}}, "EndpointSpec": {"Mode": "dnsrr"}})
+            for _ in deadline_loop(30, 0.1):
+                tasks = engine.request("GET", "/tasks")
+                if tasks and tasks[0]["Status"]["State"] == "running":
+                    break
+            self.assertEqual(tasks[0]["Status"]["State"], "running")
+            self.assertTrue(cluster.processes())
+        finally:
+            left = cluster.close()
+        self.assertEqual(left, [])
+
+
+# ==========================================================================================
 # Benchmarks: a smoke run of bench/bench.py --quick
 # ==========================================================================================
 
@@ -4965,4 +5406,7 @@ if __name__ == "__main__":
         sys.stderr.write("\ntest: stopped; removing what this run made\n")
         sys.exit(130)
     finally:
-        HARNESS.cleanup()
+        try:
+            HARNESS.cleanup()
+        finally:
+            SWARM.cleanup()
