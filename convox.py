@@ -2228,13 +2228,21 @@ _INTERP_NAME = r'[_A-Za-z][_A-Za-z0-9]*'
 _INTERP_BRACED = r'([_A-Za-z][_A-Za-z0-9]*)(?:(:?[-?+])(.*))?\Z'
 
 
+#: How deep ``${...}`` may nest (``${A:-${B:-x}}`` is 2).  Each level is evaluated by
+#: recursion and rescanned to its end: 100,000 levels would exhaust the stack after minutes.
+INTERPOLATION_DEPTH = 32
+
+
 def _closing_brace(text, start):
-    """Index of the '}' closing the '${' whose body starts at `start`, or -1."""
+    """Index of the '}' closing the '${' whose body starts at `start`; -1 when there is none,
+    -2 when '${' nests deeper than INTERPOLATION_DEPTH before it."""
     depth = 1
     k = start
     while k < len(text):
         if text.startswith('${', k):
             depth += 1
+            if depth > INTERPOLATION_DEPTH:
+                return -2
             k += 2
             continue
         if text[k] == '}':
@@ -2284,6 +2292,9 @@ def _interpolate_str(text, variables, filename, missing, braces_only):
         nxt = text[dollar + 1:dollar + 2]
         if nxt == '{':
             end = _closing_brace(text, dollar + 2)
+            if end == -2:
+                raise ManifestError('%s: "${" nested more than %d deep — simplify the '
+                                    'defaults' % (filename, INTERPOLATION_DEPTH))
             if end < 0:
                 raise ManifestError('%s: unterminated "${" in %r — close it with "}" or write $$ '
                                     'for a literal $' % (filename, text))

@@ -1628,6 +1628,18 @@ class InterpolateTest(unittest.TestCase):
                     self.run_case(text)
                 self.assertTrue(str(caught.exception).startswith('docker-compose.yml: '))
 
+    def test_deep_nesting_is_an_error(self):
+        """${A:-${A:-...}} 100,000 deep: a ManifestError at once, not a RecursionError."""
+        depth = 100000
+        started = time.monotonic()
+        with self.assertRaises(convox.ManifestError) as caught:
+            self.run_case('${UNSET:-' * depth + 'x' + '}' * depth)
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertIn('nested more than %d deep' % convox.INTERPOLATION_DEPTH,
+                      str(caught.exception))
+        nested = '${UNSET:-' * convox.INTERPOLATION_DEPTH + 'x' + '}' * convox.INTERPOLATION_DEPTH
+        self.assertEqual(self.run_case(nested), ('x', []))
+
     def test_braces_only(self):
         self.assertEqual(self.run_case('sh -c "echo $HOME $$ ${NAME}"', braces_only=True),
                          ('sh -c "echo $HOME $$ web"', []))
