@@ -79,6 +79,9 @@ COMPOSE_SERVICE = "com.docker.compose.service"
 COMPOSE_ONEOFF = "com.docker.compose.oneoff"
 #: `docker stack deploy` labels its services with the stack (the app, SPEC §3).
 STACK_NAMESPACE = "com.docker.stack.namespace"
+#: Marks the containers and the network that `convox start` made, so that it removes or
+#: reuses nothing else (never put on images: a container run from one would inherit it).
+LABEL_START = "convox.start"
 
 #: The newest Engine API version this tool knows; the engine's own is used when lower.
 API_VERSION_MAX = "1.45"
@@ -4166,22 +4169,67 @@ class LocalApp:
 
     # -- containers ------------------------------------------------------------------------
 
-    def ensure_network(self):
-        self.network = self.app
+    def made_by_start(self, labels, service=None):
+        """Whether an object's labels say this app's `convox start` made it."""
+        labels = labels or {}
+        return (labels.get(LABEL_APP) == self.app and LABEL_START in labels and
+                (service is None or labels.get(LABEL_SERVICE) == service))
+
+    def claim(self, names):
+        """Refuse to start over another start of the app or over objects start did not make
+        (a `docker run --name APP-db` holding data, someone's network named APP); remove
+        the leftovers of an earlier start that was killed, which are ours."""
+        ours = [s for s in self.engine.containers(all=True, filters={
+            "label": ["%s=%s" % (LABEL_APP, self.app), LABEL_START]})
+            if self.made_by_start(s.get("Labels"))]
+        running = [s for s in ours if s.get("State") == "running"]
+        if running:
+            names = sorted(n.lstrip("/") for s in running for n in s.get("Names") or [])
+            raise ConvoxError("app %s is already running (%s, from another convox start) — "
+                              "stop that one first (Ctrl-C in its terminal, or convox ps stop ID if "
+                              "it is gone)"
+                              % (self.app, ", ".join(names)))
+        for name in names:
+            container = "%s-%s" % (self.app, name)
+            try:
+                labels = self.engine.inspect(container)["Config"]["Labels"]
+            except NotFound:
+                continue
+            if not self.made_by_start(labels, name):
+                raise ConvoxError("a container named %s exists that convox start did not "
+                                  "make — remove or rename it (docker rm %s), or start the "
+                                  "app under another name with -a" % (container, container))
+        network = self.network_info()
+        if network is not None and not self.made_by_start(network.get("Labels")):
+            raise ConvoxError("a network named %s exists that convox start did not make — "
+                              "remove it (docker network rm %s), or start the app under "
+                              "another name with -a" % (self.app, self.app))
+        for summary in ours:
+            self.engine.remove(summary["Id"])
+
+    def network_info(self):
+        """The network named APP, or None (a lookup by name also matches ID prefixes)."""
         try:
-            self.engine.request("GET", "/networks/%s" % self.network)
+            info = self.engine.request("GET", "/networks/%s" % self.app)
         except NotFound:
+            return None
+        return info if info.get("Name") == self.app else None
+
+    def ensure_network(self):
+        """Make the APP network, or take over the one an earlier, killed start left."""
+        self.network = self.app
+        if self.network_info() is None:
             self.engine.request("POST", "/networks/create", body={
                 "Name": self.network, "CheckDuplicate": True,
-                "Labels": {LABEL_APP: self.app}})
-            self.network_created = True
+                "Labels": {LABEL_APP: self.app, LABEL_START: "1"}})
+        self.network_created = True
 
     def container_config(self, name, command=None):
         """The create body of service ``name`` from the manifest."""
         service = self.manifest.services[name]
         labels = dict(service.labels or {})
         labels.update({LABEL_APP: self.app, LABEL_SERVICE: name,
-                       LABEL_RELEASE: self.release, LABEL_TYPE: "service"})
+                       LABEL_RELEASE: self.release, LABEL_TYPE: "service", LABEL_START: "1"})
         config = {
             "Image": self.images[name],
             "Env": ["%s=%s" % item for item in sorted(service.environment.items())],
@@ -4291,9 +4339,8 @@ class LocalApp:
         }
 
     def create(self, name):
-        """Create service ``name`` as container APP-SERVICE, replacing a stale one."""
+        """Create service ``name`` as container APP-SERVICE (claim() made way for it)."""
         container_name = "%s-%s" % (self.app, name)
-        self.engine.remove(container_name)
         ident = self.engine.create_container(self.container_config(name),
                                              container_name)["Id"]
         self.containers[name] = ident
@@ -4347,11 +4394,9 @@ def manifest_template(engine, app, service, environ, cwd=None):
         local.images[service] = local.last_build(service)
     else:
         local.images[service] = local.ensure_image(definition.image, LogPrinter([service], 2))
-    try:
-        engine.request("GET", "/networks/%s" % app)
-        local.network = app
-    except NotFound:
-        pass
+    network = local.network_info()
+    if network is not None and local.made_by_start(network.get("Labels")):
+        local.network = app  # a network of that name that start did not make is not joined
     return local.template(service)
 
 
@@ -4449,6 +4494,7 @@ def cmd_start(ctx):
     colour = os.isatty(stdio.stdout_fd) and not ctx.environ.get("NO_COLOR")
     printer = LogPrinter(names, stdio.stdout_fd, colour)
     ctx.stdout.flush()
+    local.claim(names)
     try:
         local.build(names, printer, args.no_build, args.no_cache)
         local.ensure_network()

@@ -2827,6 +2827,98 @@ services:
         self.assertEqual(self.processes_of(app), [])
 
 
+class StartOwnershipTest(EngineTestCase):
+    """start removes and joins only what its own app's start made (never a neighbour's)."""
+
+    app_dir = StartTest.app_dir
+
+    MANIFEST = """\
+services:
+  db:
+    image: {image}
+    command: sh -c 'trap "exit 0" TERM; while true; do sleep 0.2; done'
+"""
+
+    def foreign_container(self, name):
+        """Like `docker run -d --name NAME busybox sleep`: no convox labels at all."""
+        ident = self.engine.create_container({
+            "Image": self.image, "Cmd": ["sleep", "3600"], "Labels": {TEST_LABEL: RUN_ID}},
+            name)["Id"]
+        self.addCleanup(self.engine.remove, ident)
+        self.engine.start(ident)
+        return ident
+
+    def network_names(self):
+        return [n["Name"] for n in self.engine.request("GET", "/networks")]
+
+    def test_foreign_container_named_like_a_service_survives(self):
+        app = app_name("victim")
+        victim = self.foreign_container(app + "-db")
+        folder = self.app_dir("convox.yml", self.MANIFEST.format(image=self.image))
+        result = self.convox("-a", app, "start", cwd=folder, timeout=60)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertOneErrorLine(result)
+        self.assertIn("a container named %s-db exists that convox start did not make" % app,
+                      result.stderr.decode())
+        self.assertTrue(self.engine.inspect(victim)["State"]["Running"])
+        self.assertNotIn(app, self.network_names())
+
+    def test_foreign_network_is_not_joined(self):
+        app = self.network("foreignnet")
+        folder = self.app_dir("convox.yml", self.MANIFEST.format(image=self.image))
+        result = self.convox("-a", app, "start", cwd=folder, timeout=60)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertOneErrorLine(result)
+        self.assertIn("a network named %s exists that convox start did not make" % app,
+                      result.stderr.decode())
+        self.assertEqual(self.engine.request("GET", "/networks/%s" % app)["Containers"], {})
+        self.assertEqual(self.processes_of(app), [])
+
+    def test_second_start_says_running_and_touches_nothing(self):
+        app = app_name("twice")
+        folder = self.app_dir("convox.yml", self.MANIFEST.format(image=self.image))
+        first = subprocess.Popen([sys.executable, CONVOX, "-a", app, "start"], cwd=folder,
+                                 env=HARNESS.env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        self.addCleanup(lambda: first.poll() is None and first.kill())
+        for _ in deadline_loop(60, 0.2):
+            running = [s["Id"] for s in self.processes_of(app) if s["State"] == "running"]
+            if running:
+                break
+        self.assertEqual(len(running), 1)
+        result = self.convox("-a", app, "start", cwd=folder, timeout=60)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertOneErrorLine(result)
+        self.assertIn("app %s is already running (%s-db" % (app, app), result.stderr.decode())
+        self.assertEqual([s["Id"] for s in self.processes_of(app)], running)
+        self.assertTrue(self.engine.inspect(running[0])["State"]["Running"])
+        self.assertIn(app, self.network_names())
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=30)
+        self.assertEqual(first.returncode, 0, out + err)
+        self.assertEqual(self.processes_of(app), [])
+        self.assertNotIn(app, self.network_names())
+
+    def test_leftovers_of_a_killed_start_are_replaced(self):
+        app = app_name("leftover")
+        folder = self.app_dir("convox.yml", self.MANIFEST.format(image=self.image))
+        first = subprocess.Popen([sys.executable, CONVOX, "-a", app, "start"], cwd=folder,
+                                 env=HARNESS.env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: first.poll() is None and first.kill())
+        for _ in deadline_loop(60, 0.2):
+            running = [s["Id"] for s in self.processes_of(app) if s["State"] == "running"]
+            if running:
+                break
+        first.kill()
+        first.wait()
+        self.engine.stop(running[0], grace=1)  # what `convox ps stop` does
+        result = self.convox("-a", app, "start", "db", "true", cwd=folder, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.processes_of(app), [])
+        self.assertNotIn(app, self.network_names())
+
+
 # ==========================================================================================
 # The real engine and real terminals: exec
 # ==========================================================================================
