@@ -1559,6 +1559,12 @@ def printable(text):
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def one_line(text):
+    """A message that carries foreign text, as one safe line: line breaks and runs of white
+    space become one space (scripts read the last line of stderr), the rest as printable."""
+    return printable(" ".join(str(text).split()))
+
+
 def shell_join(words):
     import shlex
     return " ".join(shlex.quote(word) for word in words)
@@ -3609,7 +3615,7 @@ def ps_stop(ctx, ident):
     app, _ = ctx.app()
     p = ctx.rack.find(app, ident)
     engine = ctx.rack.engine_for(p)
-    ctx.out("Stopping %s... " % ident)
+    ctx.out("Stopping %s... " % printable(ident))
     engine.stop(p.id)
     if p.type == "process":
         engine.remove(p.id)
@@ -3854,7 +3860,7 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
         except BaseException as exc:
             _quietly(engine.remove, name)
             raise _start_failure(exc) if isinstance(exc, EngineError) else exc
-        ctx.out("Running detached process... OK, %s\n" % container[:12])
+        ctx.out("Running detached process... OK, %s\n" % printable(container[:12]))
         return 0
 
     import contextlib
@@ -4068,7 +4074,8 @@ class LogPrinter:
             self.write(name, rest + b"\n", key)
 
     def say(self, text, name="convox"):
-        self.write(name, text.encode("utf-8") + b"\n")
+        """A status line of ours (``convox | web exited with code 3``), made safe."""
+        self.write(name, one_line(text).encode("utf-8") + b"\n")
 
 
 class LocalApp:
@@ -4115,8 +4122,8 @@ class LocalApp:
             for message in self.engine.build(chunks, query):
                 text = message.get("stream") or message.get("status") or ""
                 for line in text.splitlines():
-                    if line.strip():
-                        printer.say(line.rstrip(), "build")
+                    if line.strip():  # the Dockerfile's output: as raw as a service's
+                        printer.write("build", line.rstrip().encode("utf-8") + b"\n")
         except EngineError as exc:
             raise ConvoxError("build of %s failed: %s — fix the Dockerfile or the build "
                               "context" % (service.name, exc))
@@ -4480,7 +4487,7 @@ def cmd_start(ctx):
     path = find_manifest(args.manifest)
     manifest = load_manifest(path, dict(ctx.environ))
     for warning in manifest.warnings:
-        ctx.stderr.write("WARNING: %s\n" % warning)
+        notice(ctx.stderr, "WARNING", warning)
     app, _ = ctx.app()
     engine = ctx.engine
     if args.target:
@@ -4751,15 +4758,22 @@ def _report(environ, message, status):
     if environ.get("CONVOX_DEBUG"):
         import traceback
         traceback.print_exc()
-    # One line whatever the message carries (an engine's or runtime's text may have line
-    # breaks): scripts read the last line of stderr.
-    message = " ".join(str(message).split())
+    notice(sys.stderr, "ERROR", message)
+    return status
+
+
+def notice(stream, kind, message):
+    """Write ``KIND: message``: the one way ERROR: and WARNING: lines are printed.
+
+    Messages carry foreign text -- labels of any container on the host (``apps here: …``),
+    the engine's error text, manifest keys -- so they go through one_line: an escape
+    sequence in them would set the title, write the clipboard (OSC 52) or hide text.
+    """
     try:
-        sys.stderr.write("ERROR: %s\n" % message)
-        sys.stderr.flush()
+        stream.write("%s: %s\n" % (kind, one_line(message)))
+        stream.flush()
     except (OSError, ValueError):
         pass
-    return status
 
 
 def _zipapp_main():

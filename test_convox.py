@@ -2448,6 +2448,73 @@ class CliTest(unittest.TestCase):
         self.assertEqual(err.count("\n"), 1)
 
 
+#: What a hostile neighbour puts in a label, an engine in its errors, a repository in its
+#: manifest: OSC 52 (write the clipboard), OSC 0 (the title), conceal, a C1 CSI, a bidi
+#: override, a line break.
+HOSTILE = "\x1b]52;c;cHduZWQ=\x07\x1b]0;owned\x07\x1b[8mhidden\x9b0m\u202eevil\rX\nY"
+TERMINAL_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+class HostileTextTest(unittest.TestCase):
+    """Foreign text reaches ERROR:, WARNING: and status lines escaped, never raw."""
+
+    def main(self, argv, environ):
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            status = convox.main(argv, environ)
+        return status, err.getvalue()
+
+    def assertSafe(self, text, kind="ERROR"):
+        self.assertEqual(TERMINAL_CONTROL.findall(text), [], repr(text))
+        self.assertIn("\\x1b]52;c;cHduZWQ=\\x07", text)
+        self.assertIn("%s: " % kind, text)
+
+    def fake(self, engine_class=None):
+        engine = (engine_class or FakeEngine)()
+        self.addCleanup(engine.close)
+        return engine
+
+    def test_label_in_apps_here(self):
+        engine = self.fake()
+        engine.add_container("evil" + HOSTILE, "web")
+        status, err = self.main(["-a", "nosuch", "ps"], {"CONVOX_RACK": engine.url})
+        self.assertEqual(status, 1)
+        self.assertIn("apps here: evil", err)
+        self.assertSafe(err)
+        self.assertEqual(err.count("\n"), 1)
+
+    def test_engine_error_text(self):
+        class Hostile(FakeEngine):
+            def route(self, handler, method, path, query, body):
+                return self.reply(handler, 500, {"message": HOSTILE})
+        status, err = self.main(["-a", "shop", "ps"], {"CONVOX_RACK": self.fake(Hostile).url})
+        self.assertEqual(status, 1)
+        self.assertSafe(err)
+
+    def test_manifest_key_warning(self):
+        folder = tempfile.mkdtemp(prefix="convox-hostile-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "docker-compose.yml")
+        with open(path, "w") as handle:
+            handle.write('services:\n  web:\n    image: busybox\n'
+                         '    "x\\e]52;c;cHduZWQ=\\a\\e]0;owned\\a": 1\n')
+        status, err = self.main(["-a", "shop", "start", "-m", path],
+                                {"CONVOX_RACK": "unix:///nowhere.sock"})
+        self.assertEqual(status, 1)
+        warning = [line for line in err.splitlines() if line.startswith("WARNING: ")]
+        self.assertEqual(len(warning), 1, err)
+        self.assertSafe(warning[0], "WARNING")
+
+    def test_status_line(self):
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        with open(write, "wb", closefd=True) as handle:
+            convox.LogPrinter(["web"], handle.fileno()).say("web%s exited with code 3" % HOSTILE)
+        line = os.read(read, 4096).decode("utf-8")
+        self.assertTrue(line.startswith("convox | web") and line.endswith(" exited with code 3\n"))
+        self.assertEqual(TERMINAL_CONTROL.findall(line[:-1]), [], repr(line))
+
+
 # ==========================================================================================
 # The real engine: ps
 # ==========================================================================================
