@@ -4105,6 +4105,22 @@ class LocalApp:
                 self.images[name] = self.last_build(name)
             else:
                 self.images[name] = self.build_service(service, printer, no_cache)
+                self.prune_images(name)
+
+    def prune_images(self, name):
+        """Untag all but the current and the previous release's build of a service (tags
+        APP/SERVICE:RELEASE on images labelled with the app and service: start made them)."""
+        repository = self.repository(name) + ":"
+        builds = []
+        for image in self.engine.request("GET", "/images/json", {"filters": {"label": [
+                "%s=%s" % (LABEL_APP, self.app), "%s=%s" % (LABEL_SERVICE, name)]}}) or []:
+            builds += [(image.get("Created") or 0, tag) for tag in image.get("RepoTags") or []
+                       if tag.startswith(repository) and
+                       re.match(r"R[A-Z]{10}\Z", tag[len(repository):])]
+        current = "%s%s" % (repository, self.release)
+        older = sorted((build for build in builds if build[1] != current), reverse=True)
+        for _, tag in older[1:]:
+            _quietly(self.engine.request, "DELETE", "/images/%s" % tag)
 
     def build_service(self, service, printer, no_cache):
         build = service.build
@@ -4379,10 +4395,13 @@ class LocalApp:
             _quietly(self.engine.remove, ident)
         self.containers.clear()
         if self.network_created:
-            try:
-                self.engine.request("DELETE", "/networks/%s" % self.network)
-            except ConvoxError:
-                pass
+            # A detached one-off of the app may still be on the network: disconnect it
+            # first, or the engine refuses to remove the network ("has active endpoints").
+            info = self.network_info() or {}
+            for ident in info.get("Containers") or {}:
+                _quietly(self.engine.request, "POST", "/networks/%s/disconnect" % self.network,
+                         None, {"Container": ident, "Force": True})
+            _quietly(self.engine.request, "DELETE", "/networks/%s" % self.network)
 
 
 def manifest_template(engine, app, service, environ, cwd=None):
@@ -4438,7 +4457,7 @@ def follow(local, streams, printer, signal_fd):
                     local.kill_all()
                 else:
                     stopping = True
-                    printer.say("stopping")
+                    printer.say("stopping (press Ctrl-C again to force)")
                     local.term_all()
                     stop_deadline = time.monotonic() + STOP_GRACE
         if stop_deadline is not None and time.monotonic() >= stop_deadline:
@@ -4490,12 +4509,18 @@ def cmd_start(ctx):
         notice(ctx.stderr, "WARNING", warning)
     app, _ = ctx.app()
     engine = ctx.engine
-    if args.target:
+    words = [args.target] + args.command if args.target else []
+    command = None
+    if words and all(word in manifest.services for word in words):
+        names = []  # `start web worker`: those services and what they depend on
+        for word in words:
+            names += [name for name in manifest.dependencies(word) if name not in names]
+    elif words:
         names = manifest.dependencies(args.target)
+        command = command_words(args.command) if args.command else None
     else:
         profiles = args.profile or manifest.variables.get("COMPOSE_PROFILES", "").split(",")
         names = manifest.selected(word.strip() for word in profiles if word.strip())
-    command = command_words(args.command) if args.command else None
     local = LocalApp(engine, app, manifest, new_release())
     stdio = ctx.stdio
     colour = os.isatty(stdio.stdout_fd) and not ctx.environ.get("NO_COLOR")

@@ -2807,7 +2807,8 @@ services:
         self.assertIn("  web  ", ps.replace("web     ", "web  "))
         # Ctrl-C: graceful stop, everything removed, status 0.
         session.send(b"\x03")
-        session.expect(r"convox \| (\x1b\[0m)?stopping", timeout=10)
+        session.expect(r"convox \| (\x1b\[0m)?stopping \(press Ctrl-C again to force\)",
+                       timeout=10)
         # Stopped and removed within 20 s; the services ignore SIGTERM (each is PID 1, as
         # in Compose), so that is the 10 s grace, a SIGKILL and the removal.
         self.assertEqual(session.wait(timeout=20), 0)
@@ -2984,6 +2985,112 @@ services:
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(self.processes_of(app), [])
         self.assertNotIn(app, self.network_names())
+
+
+class StartLoopTest(EngineTestCase):
+    """start as a development loop: services by name, nothing left behind, sync."""
+
+    app_dir = StartTest.app_dir
+
+    #: A service that ends at once on SIGTERM (a busybox sleep as PID 1 would ignore it).
+    LOOP = "sh -c 'trap \"exit 0\" TERM; while true; do sleep 0.2; done'"
+
+    def start(self, app, folder, *words, running=1, env=None):
+        """`convox start` in the background, once ``running`` services of it run."""
+        proc = subprocess.Popen([sys.executable, CONVOX, "-a", app, "start"] + list(words),
+                                cwd=folder, env=HARNESS.env(**(env or {})),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        proc.lines = []
+        reader = threading.Thread(target=lambda: proc.lines.extend(
+            iter(proc.stdout.readline, b"")), daemon=True)
+        reader.start()
+        proc.reader = reader
+        for _ in deadline_loop(120, 0.1):
+            summaries = [s for s in self.processes_of(app, "service")
+                         if s["State"] == "running"]
+            if len(summaries) >= running or proc.poll() is not None:
+                break
+        self.assertGreaterEqual(len(summaries), running, b"".join(proc.lines))
+        return proc
+
+    def stop(self, proc):
+        """Ctrl-C; -> everything it printed, as text."""
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(30), 0, b"".join(proc.lines))
+        proc.reader.join(10)
+        proc.stdout.close()
+        return b"".join(proc.lines).decode("utf-8", "replace")
+
+    def network_names(self):
+        return [n["Name"] for n in self.engine.request("GET", "/networks")]
+
+    def test_services_by_name(self):
+        app = app_name("named")
+        folder = self.app_dir("convox.yml", "services:\n" + "".join(
+            "  %s:\n    image: %s\n    command: %s\n" % (name, self.image, self.LOOP)
+            for name in ("web", "worker", "cron")))
+        proc = self.start(app, folder, "web", "worker", running=2)
+        time.sleep(0.5)
+        services = sorted(convox.identity(s["Labels"])[1] for s in self.processes_of(app))
+        self.assertEqual(services, ["web", "worker"])
+        out = self.stop(proc)
+        self.assertIn("convox | stopping (press Ctrl-C again to force)\n", out)
+        self.assertEqual(self.processes_of(app), [])
+
+    def test_network_removed_with_a_detached_one_off_on_it(self):
+        app = app_name("netoff")
+        folder = self.app_dir("convox.yml", "services:\n  web:\n    image: %s\n"
+                              "    command: %s\n" % (self.image, self.LOOP))
+        proc = self.start(app, folder)
+        result = self.convox("-a", app, "run", "--detach", "web", "sleep", "60", cwd=folder)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        one_off = result.stdout.decode().split()[-1]
+        self.addCleanup(self.engine.remove, one_off)
+        self.assertIn(app, self.engine.inspect(one_off)["NetworkSettings"]["Networks"])
+        self.stop(proc)
+        self.assertNotIn(app, self.network_names())
+        self.assertTrue(self.engine.inspect(one_off)["State"]["Running"])
+
+    def test_three_rounds_keep_two_tags(self):
+        app = app_name("tags")
+        folder = self.app_dir("convox.yml", "services:\n  web:\n    build: .\n"
+                              "    command: %s\n" % self.LOOP)
+        releases = []
+        for _ in range(3):
+            proc = self.start(app, folder)
+            releases.append(self.processes_of(app)[0]["Labels"]["convox.release"])
+            self.stop(proc)
+        tags = [tag for image in self.engine.request("GET", "/images/json")
+                for tag in image.get("RepoTags") or [] if tag.startswith(app + "/web:")]
+        self.assertEqual(sorted(tags), sorted("%s/web:%s" % (app, r) for r in releases[1:]))
+
+    def test_interrupted_build_leaves_no_container(self):
+        app = app_name("buildint")
+        marker = "m%s" % os.urandom(4).hex()
+        folder = self.app_dir("convox.yml", "services:\n  web:\n    build: .\n",
+                              {"Dockerfile": "FROM %s\nRUN sleep 30 # %s\n" % (self.image,
+                                                                              marker)})
+        proc = subprocess.Popen([sys.executable, CONVOX, "-a", app, "start"], cwd=folder,
+                                env=HARNESS.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+
+        def building():
+            return [c for c in self.engine.containers(all=True)
+                    if marker in (c.get("Command") or "")]
+        for _ in deadline_loop(60, 0.1):
+            if building():
+                break
+        self.assertTrue(building(), "the build's RUN step never started")
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 130)
+        for _ in deadline_loop(20, 0.2):
+            if not building():
+                break
+        self.assertEqual(building(), [])
+        self.assertEqual(self.processes_of(app), [])
 
 
 # ==========================================================================================
