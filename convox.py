@@ -1,5 +1,36 @@
-#!/usr/bin/env python3
-"""convox.py -- Convox's one-off commands for any host with a Docker Engine API socket.
+#!/bin/sh
+"""":
+exec "${CONVOX_PYTHON:-python3}" -c '
+import marshal, os, sys
+sys.argv.pop(0)
+__file__ = sys.argv[0]
+sys.path[0] = os.path.dirname(os.path.realpath(__file__))
+stat = os.stat(__file__)
+folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "convox")
+mine = "%x-%x-%x-" % (sys.hexversion, stat.st_dev, stat.st_ino)
+cache = os.path.join(folder, mine + "%x-%x.code" % (stat.st_size, stat.st_mtime_ns))
+try:
+    with open(cache, "rb") as file:
+        code = marshal.load(file)
+except Exception:
+    with open(__file__, "rb") as file:
+        code = compile(file.read(), __file__, "exec")
+    try:
+        os.makedirs(folder, 0o700, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.startswith(mine):
+                os.unlink(os.path.join(folder, name))
+        new = "%s.%d" % (cache, os.getpid())
+        with open(new, "wb") as file:
+            marshal.dump(code, file)
+        os.replace(new, cache)
+    except OSError:
+        pass
+del marshal, stat, folder, mine, cache, file
+exec(code)
+' "$0" "$@"
+
+convox.py -- Convox's one-off commands for any host with a Docker Engine API socket.
 
     convox ps                       list the app's processes
     convox exec TARGET COMMAND...   run a command in a running process
@@ -34,6 +65,12 @@ socket), Engine API (thin methods returning dicts), Racks (what the verbs ask of
 processes, the engine that runs one, one-offs), Streams (demux, pump), Terminal (raw mode,
 size, signals), Apps and processes (labels, the one-off template), Manifest, Commands (one
 function per verb), CLI.
+
+The first lines are a launcher: run by name (``./convox.py``, ``convox`` on the PATH) the
+file starts under /bin/sh, which execs python3 (``CONVOX_PYTHON`` names another) with a
+loader that runs the code compiled once and kept in ``$XDG_CACHE_HOME/convox`` (default
+``~/.cache/convox``), one file per Python version and version of this file; where nothing
+can be written it compiles as ``python3 convox.py`` always does.
 """
 
 import signal

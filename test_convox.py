@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+import marshal
 import os
 import pty
 import random
@@ -2513,6 +2514,69 @@ class HostileTextTest(unittest.TestCase):
         line = os.read(read, 4096).decode("utf-8")
         self.assertTrue(line.startswith("convox | web") and line.endswith(" exited with code 3\n"))
         self.assertEqual(TERMINAL_CONTROL.findall(line[:-1]), [], repr(line))
+
+
+class LauncherTest(unittest.TestCase):
+    """Run by name, convox.py starts under /bin/sh and runs code compiled once per Python
+    and version of the file, kept in $XDG_CACHE_HOME/convox."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.script = os.path.join(self.folder, "bin", "convox")
+        os.mkdir(os.path.dirname(self.script))
+        shutil.copy(CONVOX, self.script)
+        os.chmod(self.script, 0o755)
+        self.cache = os.path.join(self.folder, "cache")
+        self.env = dict(os.environ, XDG_CACHE_HOME=self.cache, CONVOX_PYTHON=sys.executable)
+
+    def launch(self, *args, **kwargs):
+        return subprocess.run([self.script] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=kwargs.get("env", self.env),
+                              cwd=kwargs.get("cwd", self.folder), timeout=60)
+
+    def cached(self):
+        folder = os.path.join(self.cache, "convox")
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+    def test_compiles_once_then_runs_the_cached_code(self):
+        first = self.launch("--version")
+        self.assertEqual((first.returncode, first.stdout, first.stderr),
+                         (0, ("convox.py %s\n" % convox.__version__).encode(), b""))
+        [name] = self.cached()
+        self.assertEqual(os.stat(os.path.join(self.cache, "convox")).st_mode & 0o777, 0o700)
+        # The second run takes the cache's code, not the file's: replace it to see which ran.
+        with open(os.path.join(self.cache, "convox", name), "wb") as handle:
+            marshal.dump(compile("import sys; print('from cache', sys.argv[1:])", "x", "exec"),
+                         handle)
+        second = self.launch("ps", "--all")
+        self.assertEqual(second.stdout, b"from cache ['ps', '--all']\n")
+
+    def test_a_changed_file_replaces_its_cached_code(self):
+        self.launch("--version")
+        [old] = self.cached()
+        with open(self.script, "a") as handle:
+            handle.write("\n# changed\n")
+        self.assertEqual(self.launch("--version").returncode, 0)
+        [new] = self.cached()
+        self.assertNotEqual(old, new)
+
+    def test_runs_where_nothing_can_be_written(self):
+        env = dict(self.env, XDG_CACHE_HOME="/proc/no-such-folder")
+        result = self.launch("--version", env=env)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertEqual(self.cached(), [])
+
+    def test_a_module_in_the_current_folder_does_not_shadow_the_standard_library(self):
+        with open(os.path.join(self.folder, "json.py"), "w") as handle:
+            handle.write("raise SystemExit('json.py from the current folder ran')\n")
+        result = self.launch("--version")
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+
+    def test_status_and_usage_errors_pass_through(self):
+        result = self.launch("run")
+        self.assertEqual(result.returncode, 2)
+        self.assertRegex(result.stderr, b"^ERROR: run needs a service")
 
 
 # ==========================================================================================
