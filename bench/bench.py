@@ -514,7 +514,11 @@ class Bench:
         url = self.rack.url if self.rack.kind != "unix" else "unix://" + self.rack.address
         self.env = dict(os.environ)
         self.env.pop("CONVOX_APP", None)
-        self.env.update({"CONVOX_RACK": url, "DOCKER_HOST": url})
+        self.env.update({"CONVOX_RACK": url, "DOCKER_HOST": url,
+                         # convox run by name uses this run's Python and keeps its
+                         # compiled code in this run's folder (see convox.py's launcher).
+                         "CONVOX_PYTHON": sys.executable,
+                         "XDG_CACHE_HOME": os.path.join(self.tmp, "cache")})
         self.docker = shutil.which("docker")
         self.docker_py = None
         self.python = sys.executable
@@ -658,7 +662,17 @@ class Bench:
     # -- the command lines of each contender -------------------------------------------------
 
     def convox(self, *words):
+        """convox as an installed tool runs: by name, through its launcher, from code
+        compiled once (the warm-up round compiles it)."""
+        return [CONVOX, "-a", self.app] + list(words)
+
+    def convox_script(self, *words):
+        """``python3 convox.py``, typed by hand: compiles the file on every run."""
         return [self.python, CONVOX, "-a", self.app] + list(words)
+
+    def convox_module(self, *words):
+        """``python3 -m convox`` with PYTHONDONTWRITEBYTECODE=1 (no __pycache__)."""
+        return [self.python, "-m", "convox", "-a", self.app] + list(words)
 
     def convox_pyc(self, *words):
         """convox.py run from bytecode compiled beforehand (as ``python3 -m convox`` with a
@@ -764,8 +778,13 @@ def workload_ps(bench, count=10):
     env = bench.env
     label = "label=%s=%s" % (convox.LABEL_APP, bench.app)
     modules = bench.modules
-    contenders = [Contender("convox", "convox ps",
+    module_env = dict(env, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=ROOT)
+    contenders = [Contender("convox", "convox ps (by name: the launcher, compiled once)",
                             lambda: measure(bench.convox("ps"), env)),
+                  Contender("convox-script", "python3 convox.py ps (compiles every run)",
+                            lambda: measure(bench.convox_script("ps"), env)),
+                  Contender("convox-module", "python3 -m convox ps, PYTHONDONTWRITEBYTECODE=1",
+                            lambda: measure(bench.convox_module("ps"), module_env)),
                   Contender("convox-pyc", "convox ps, precompiled (python convox.pyc)",
                             lambda: measure(bench.convox_pyc("ps"), env))]
     contenders += peers(
