@@ -147,6 +147,8 @@ STATUS_NOT_EXECUTABLE = 126
 STATUS_NOT_FOUND = 127
 
 DEFAULT_RUN_TIMEOUT = 3600
+#: The longest --timeout (68 years): beyond 9.2e9 s, select() and socket timeouts overflow.
+MAX_RUN_TIMEOUT = 2 ** 31 - 1
 STOP_GRACE = 10
 
 
@@ -374,7 +376,7 @@ def _error_message(body, status, reason):
     text = body.decode("utf-8", "replace").strip()
     try:
         message = json.loads(text).get("message")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         message = None
     message = " ".join(str(message or text).split())
     if len(message) > 300:
@@ -511,15 +513,21 @@ class Engine:
             method, self.url(path, query), body, headers, timeout)
         if status >= 400:
             raise _http_error(data, status, "")
+        if status >= 300 and status != 304:  # 304: already started, already stopped
+            raise EngineError(
+                "the engine at %s answered %d %s to %s %s (to %s) — point the rack at the "
+                "engine itself, not at something that redirects" % (
+                    self.rack.url, status, http.client.responses.get(status, ""), method,
+                    path, response_headers.get("Location") or "nowhere"), status)
         if not data:
             return None
         if "json" not in (response_headers.get("Content-Type") or "json"):
             return data.decode("utf-8", "replace")
         try:
             return json.loads(data.decode("utf-8"))
-        except ValueError:
-            raise EngineError("the engine sent a response that is not JSON for %s %s" %
-                              (method, path))
+        except (ValueError, RecursionError):  # RecursionError: nested 100,000 deep
+            raise EngineError("the engine sent a response that is not JSON (or is nested too "
+                              "deeply) for %s %s" % (method, path))
 
     def hijack(self, path, body=None, query=None):
         """POST with ``Upgrade: tcp`` and take over the socket once the engine answers 101.
@@ -656,6 +664,9 @@ class Engine:
                         message, end = decoder.raw_decode(buffered.lstrip())
                     except ValueError:
                         break  # a message split across lines: read on
+                    except RecursionError:
+                        raise StreamError("the engine sent a build message nested too "
+                                          "deeply")
                     buffered = buffered.lstrip()[end:]
                     if message.get("error"):
                         raise EngineError(message.get("error").strip())
@@ -1545,32 +1556,28 @@ def humanize_since(seconds):
     return "a long while %s" % label
 
 
+#: RFC 3339 as engines write it: nanoseconds optional, "Z" or an offset (Podman's local).
+_RFC3339 = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2})(\.[0-9]+)?"
+                      r"(Z|[+-][0-9]{2}:[0-9]{2})?\Z")
+
+
 def parse_timestamp(text):
-    """RFC 3339 (with nanoseconds, as the engine writes) -> POSIX seconds, or None."""
+    """RFC 3339 (with nanoseconds, as the engine writes) -> POSIX seconds; None for an empty
+    or zero time (never started).  Anything else is the engine's error, as in the Docker CLI,
+    whose JSON decoding of a time fails the command."""
     import calendar
     if not text or text.startswith("0001-"):
         return None
-    main_part, _, rest = text.partition(".")
-    fraction, offset = 0.0, 0
-    zone = rest if rest else main_part[19:]
-    main_part = main_part[:19]
-    digits = ""
-    for index, char in enumerate(zone):
-        if char.isdigit():
-            digits += char
-            continue
-        if char in "+-":
-            sign = 1 if char == "+" else -1
-            hours, _, minutes = zone[index + 1:].partition(":")
-            offset = sign * (int(hours or 0) * 3600 + int(minutes or 0) * 60)
-        break
-    if digits:
-        fraction = float("0." + digits)
+    match = _RFC3339.match(text)
     try:
-        parsed = time.strptime(main_part, "%Y-%m-%dT%H:%M:%S")
-    except ValueError:
-        return None
-    return calendar.timegm(parsed) + fraction - offset
+        parsed = time.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S")
+    except (AttributeError, ValueError):  # no match; a 13th month, a 61st second
+        raise EngineError("the engine sent a malformed time (%r) — check that the rack is a "
+                          "Docker Engine API" % text[:40])
+    fraction, zone = match.group(2), match.group(3) or "Z"
+    offset = 0 if zone == "Z" else \
+        (1 if zone[0] == "+" else -1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return calendar.timegm(parsed) + float(fraction or 0) - offset
 
 
 def format_table(headers, rows):
@@ -2207,7 +2214,11 @@ class _FlowParser(object):
 
 def parse_yaml(text, filename):
     """Parse a convox.yml/compose YAML document (a practical subset) into Python values."""
-    return _YamlParser(text, filename).parse()
+    parser = _YamlParser(text, filename)
+    try:
+        return parser.parse()
+    except RecursionError:  # each level of nesting is a level of recursion
+        raise parser.error(max(parser.pos, 1), "nested too deeply — flatten it")
 
 
 # ---------------------------------------------------------------- .env files
@@ -2627,6 +2638,8 @@ def _parse_memory(value, ctx, where):
         size = float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()]
     else:
         raise ctx.error(where, 'must be a size like 512m or 1g')
+    if not abs(size) < float('inf'):  # .inf and .nan are YAML floats too
+        raise ctx.error(where, 'must be a size like 512m or 1g, not %s' % value)
     return int(-(-size // (1 << 20)))
 
 
@@ -3843,8 +3856,9 @@ def cmd_run(ctx):
     command = command_words(args.command)
     if not args.target or not command:
         raise UsageError("run needs a service and a command — convox run SERVICE COMMAND...")
-    if args.timeout is not None and args.timeout < 0:
-        raise UsageError("--timeout must be 0 (none) or a number of seconds")
+    if args.timeout is not None and not 0 <= args.timeout <= MAX_RUN_TIMEOUT:
+        raise UsageError("--timeout must be 0 (none) or a number of seconds up to %d" %
+                         MAX_RUN_TIMEOUT)
     entrypoint = not args.no_entrypoint
     if args.entrypoint is not None:
         if args.entrypoint.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -3984,7 +3998,7 @@ def _wait_status(response):
     """StatusCode from a /wait response, or None when it broke off."""
     try:
         body = json.loads(response.read().decode("utf-8") or "{}")
-    except (OSError, ValueError, http.client.HTTPException):
+    except (OSError, ValueError, RecursionError, http.client.HTTPException):
         return None
     if (body.get("Error") or {}).get("Message"):
         raise StreamError("the engine could not wait for the process: %s" %
@@ -4216,7 +4230,7 @@ class LocalApp:
         for line in body.splitlines():
             try:
                 message = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if message.get("error") or message.get("message"):
                 raise ConvoxError("cannot pull %s: %s — build it or load it into the "

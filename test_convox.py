@@ -2579,6 +2579,89 @@ class LauncherTest(unittest.TestCase):
         self.assertRegex(result.stderr, b"^ERROR: run needs a service")
 
 
+class HostileInputTest(unittest.TestCase):
+    """Inputs that used to end in "…report it" (an uncaught exception): each is one clear
+    ERROR: line now, found at once."""
+
+    def main(self, argv, environ=None):
+        err = io.StringIO()
+        started = time.monotonic()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            status = convox.main(argv, environ or {"CONVOX_RACK": "unix:///nowhere.sock"})
+        self.assertLess(time.monotonic() - started, 5)
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, err.getvalue())
+        self.assertTrue(lines[0].startswith("ERROR: "), lines[0])
+        self.assertNotIn("report it", lines[0])
+        return status, lines[0]
+
+    def engine(self, route):
+        """A fake engine whose every control request after /_ping gets ``route``'s answer."""
+        class Hostile(FakeEngine):
+            def route(self, handler, method, path, query, body):
+                return route(self, handler, path)
+        engine = Hostile()
+        engine.add_container("shop", "web")
+        self.addCleanup(engine.close)
+        return {"CONVOX_RACK": engine.url}
+
+    def manifest(self, text):
+        folder = tempfile.mkdtemp(prefix="convox-hostile-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "docker-compose.yml")
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def test_redirect_to_a_control_request(self):
+        environ = self.engine(lambda fake, handler, path: fake.reply(
+            handler, 302, b"", headers={"Location": "http://elsewhere/"}))
+        status, line = self.main(["-a", "shop", "ps"], environ)
+        self.assertEqual(status, 1)
+        self.assertIn("answered 302 Found to GET /containers/json (to http://elsewhere/)", line)
+
+    def test_json_nested_100000_deep(self):
+        environ = self.engine(lambda fake, handler, path: fake.reply(
+            handler, 200, b"[" * 100000 + b"]" * 100000))
+        status, line = self.main(["-a", "shop", "ps"], environ)
+        self.assertEqual(status, 1)
+        self.assertIn("nested too deeply", line)
+
+    def test_bad_started_at_offset(self):
+        def route(fake, handler, path):
+            if path == "/containers/json":
+                return FakeEngine.route(fake, handler, "GET", path, {}, {})
+            info = fake.inspect(next(iter(fake.containers.values())))
+            info["State"]["StartedAt"] = "2024-01-01T00:00:00.5+xx:yy"
+            return fake.reply(handler, 200, info)
+        status, line = self.main(["-a", "shop", "ps"], self.engine(route))
+        self.assertEqual(status, 1)
+        self.assertIn("malformed time", line)
+
+    def test_manifests(self):
+        depth = 100000
+        cases = [
+            ("services:\n  web: " + "[" * depth + "]" * depth + "\n", ":2: nested too deeply"),
+            ("services:\n  web:\n    image: busybox\n    environment:\n      A: " +
+             "${B:-" * depth + "x" + "}" * depth + "\n", "nested more than 32 deep"),
+            ("services:\n  web:\n    image: busybox\n    mem_limit: .inf\n",
+             "mem_limit must be a size"),
+            ("services:\n  web:\n    image: busybox\n    mem_limit: .nan\n",
+             "mem_limit must be a size"),
+        ]
+        for text, fragment in cases:
+            with self.subTest(fragment):
+                status, line = self.main(["-a", "shop", "start", "-m", self.manifest(text)])
+                self.assertEqual(status, 1)
+                self.assertIn(fragment, line)
+
+    def test_run_timeout_beyond_what_select_takes(self):
+        status, line = self.main(["-a", "shop", "run", "--timeout", "10000000000", "web", "true"])
+        self.assertEqual(status, 2)
+        self.assertIn("--timeout must be 0 (none) or a number of seconds up to 2147483647",
+                      line)
+
+
 # ==========================================================================================
 # The real engine: ps
 # ==========================================================================================
