@@ -92,6 +92,7 @@ import os
 import re
 import select
 import socket
+import stat
 import sys
 import time
 
@@ -150,6 +151,10 @@ DEFAULT_RUN_TIMEOUT = 3600
 #: The longest --timeout (68 years): beyond 9.2e9 s, select() and socket timeouts overflow.
 MAX_RUN_TIMEOUT = 2 ** 31 - 1
 STOP_GRACE = 10
+
+#: Largest .convox/app (it holds a name) and largest manifest, .env or .dockerignore read.
+APP_FILE_MAX = 1024
+TEXT_FILE_MAX = 16 * 1024 * 1024
 
 
 # ==========================================================================================
@@ -1338,6 +1343,36 @@ def normalize_app_name(name):
     return name.lower().replace("_", "-").replace(".", "-")
 
 
+#: What a path is when it is not a regular file, for messages.
+_FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a fifo", stat.S_IFCHR: "a device",
+               stat.S_IFBLK: "a device", stat.S_IFSOCK: "a socket"}
+
+
+def read_regular_file(path, limit):
+    """The bytes of the regular file at ``path``, at most ``limit`` of them, else OSError.
+
+    Opened without blocking and checked with fstat: a fifo would block the open and every
+    read, and a link to /dev/zero never ends, so anything but a regular file is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            raise OSError(errno.EINVAL, "it is %s, not a regular file" %
+                          _FILE_KINDS.get(kind, "something else"))
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise OSError(errno.EFBIG, "it is larger than %d bytes" % limit)
+    return b"".join(chunks)
+
+
 def resolve_app(option=None, environ=None, cwd=None):
     """-> (app, inferred): -a, CONVOX_APP, .convox/app, then the current folder's name."""
     environ = os.environ if environ is None else environ
@@ -1347,12 +1382,15 @@ def resolve_app(option=None, environ=None, cwd=None):
         return environ["CONVOX_APP"], False
     cwd = cwd or os.getcwd()
     try:
-        with open(os.path.join(cwd, ".convox", "app")) as handle:
-            name = handle.read().strip()
-        if name:
-            return name, False
-    except OSError:
-        pass
+        name = read_regular_file(os.path.join(cwd, ".convox", "app"), APP_FILE_MAX)
+    except (FileNotFoundError, NotADirectoryError):
+        name = b""
+    except OSError as exc:
+        raise ConvoxError("cannot read the app's name from .convox/app: %s — write the "
+                          "name into it, or use -a APP" % (exc.strerror or exc))
+    name = name.decode("utf-8", "replace").strip()
+    if name:
+        return name, False
     project = compose_project(cwd, environ)
     if project:
         return project, False
@@ -2538,8 +2576,7 @@ def _display_path(path):
 def _read_text(path, display):
     """Read a UTF-8 text file or raise ManifestError."""
     try:
-        with open(path, 'rb') as f:
-            data = f.read()
+        data = read_regular_file(path, TEXT_FILE_MAX)
     except OSError as e:
         raise ManifestError('%s: cannot read: %s' % (display, e.strerror or e))
     try:

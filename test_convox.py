@@ -846,6 +846,41 @@ class IdentityTest(unittest.TestCase):
             self.assertEqual(convox.resolve_app("opt", {"CONVOX_APP": "env"}, folder),
                              ("opt", False))
 
+    def test_app_file_must_be_a_small_regular_file(self):
+        """A fifo, a link to /dev/zero, a folder or a huge file as .convox/app: one ERROR
+        line at once (each used to hang, or to read until memory ran out)."""
+        import resource
+
+        def limited():  # so that a reader of /dev/zero fails instead of filling the host
+            resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+        with tempfile.TemporaryDirectory() as folder:
+            app_file = os.path.join(folder, ".convox", "app")
+            os.makedirs(os.path.dirname(app_file))
+            makers = [("fifo", lambda: os.mkfifo(app_file)),
+                      ("device", lambda: os.symlink("/dev/zero", app_file)),
+                      ("folder", lambda: os.mkdir(app_file)),
+                      ("larger than 1024 bytes", lambda: open(app_file, "w").write("a" * 5000))]
+            for expected, make in makers:
+                with self.subTest(expected):
+                    make()
+                    started = time.monotonic()
+                    try:
+                        result = subprocess.run(
+                            [sys.executable, CONVOX, "ps"], cwd=folder, timeout=10,
+                            env=client_env("unix:///nowhere.sock"), preexec_fn=limited,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                    except subprocess.TimeoutExpired:
+                        self.fail(".convox/app as a %s: no answer within 10 s" % expected)
+                    finally:
+                        shutil.rmtree(os.path.dirname(app_file))
+                        os.makedirs(os.path.dirname(app_file))
+                    err = result.stderr.decode()
+                    self.assertLess(time.monotonic() - started, 5)
+                    self.assertEqual(result.returncode, 1, err)
+                    self.assertRegex(err, r"^ERROR: cannot read the app's name from "
+                                          r"\.convox/app: it is (a )?%s.* — .*-a APP\n\Z" % expected)
+
 
 class ArgvTest(unittest.TestCase):
     def parse(self, argv):
