@@ -3963,7 +3963,7 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
         cleanup.callback(lambda: detached or _quietly(engine.remove, name))
         container = rack.one_off(config, name, extra_networks)
         if timeout:
-            spawn_watchdog(engine, container, timeout)
+            spawn_watchdog(engine, name, timeout, ctx.environ)
         stream = engine.hijack("/containers/%s/attach" % container, query={
             "stream": 1, "stdin": int(attach_stdin), "stdout": 1, "stderr": 1})
         cleanup.callback(stream.close)
@@ -4043,9 +4043,24 @@ def _wait_status(response):
     return body.get("StatusCode")
 
 
-def spawn_watchdog(engine, container, timeout):
-    """Enforce --timeout even if this client dies: a detached grandchild process waits for
-    the container to be removed, and past the deadline stops and removes it."""
+#: All the watchdog keeps of the environment: what reaching the engine takes (TLS settings;
+#: for ssh:// racks the ssh client's PATH, HOME and agent).  Nothing else: the client's
+#: environment, like its command line, may hold secrets.
+WATCHDOG_ENVIRON = ("DOCKER_TLS_VERIFY", "DOCKER_TLS", "DOCKER_CERT_PATH", "DOCKER_CONFIG",
+                    "HOME", "PATH", "SSH_AUTH_SOCK")
+
+
+def spawn_watchdog(engine, container, timeout, environ):
+    """Enforce --timeout even if this client dies: a program of its own, in a session of its
+    own (``convox.py --watchdog RACK CONTAINER DEADLINE``), waits for the container's removal
+    and past the deadline stops and removes it.  A new program, not a fork that runs on: a
+    fork shows the client's command line in ``ps`` (``--env DBPASS=…``) and its environment
+    in /proc.  Its inputs are a rack URL, so that it reaches the engine on its own."""
+    program = getattr(globals().get("__loader__"), "archive", None) or __file__  # zipapp
+    argv = [sys.executable, os.path.abspath(program), "--watchdog", engine.rack.url,
+            container, "%d" % (time.time() + timeout + 1)]
+    env = {key: environ[key] for key in WATCHDOG_ENVIRON if key in environ}
+    env["DOCKER_API_VERSION"] = engine.api_version()
     try:
         child = os.fork()
     except OSError:
@@ -4055,21 +4070,26 @@ def spawn_watchdog(engine, container, timeout):
         return
     try:
         os.setsid()
-        if os.fork():
-            os._exit(0)
-        _become_daemon()
-        watcher = Engine(engine.rack, {"DOCKER_API_VERSION": engine.api_version()})
-        conn = watcher.connect(timeout=timeout + 2)
-        try:
-            conn.request("POST", watcher.url("/containers/%s/wait" % container,
-                                             {"condition": "removed"}), body=b"")
-            conn.getresponse().read()
-        except socket.timeout:
-            watcher.stop(container)
-            watcher.remove(container)
+        if not os.fork():
+            _become_daemon()
+            os.execve(sys.executable, argv, env)
     except BaseException:
         pass
     os._exit(0)
+
+
+def watchdog(rack_url, container, deadline, environ):
+    """The watchdog's program (see spawn_watchdog): wait for the container's removal; at
+    ``deadline`` (UNIX seconds) stop and remove it."""
+    engine = Engine(parse_rack(rack_url, environ), environ)
+    conn = engine.connect(timeout=max(0.0, float(deadline) - time.time()) + 1)
+    try:
+        conn.request("POST", engine.url("/containers/%s/wait" % container,
+                                        {"condition": "removed"}), body=b"")
+        conn.getresponse().read()
+    except socket.timeout:
+        engine.stop(container)
+        engine.remove(container)
 
 
 def _become_daemon():
@@ -4827,6 +4847,12 @@ def main(argv=None, environ=None, stdio=None):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     environ = os.environ if environ is None else environ
+    if argv[:1] == ["--watchdog"] and len(argv) == 4:  # run's watchdog, not a person
+        try:
+            watchdog(*argv[1:], environ=environ)
+        except BaseException:
+            pass  # nobody to tell: its output is /dev/null
+        return 0
     verb = args = None
     ctx = None
     try:

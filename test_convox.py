@@ -3801,9 +3801,11 @@ def pids_where(matches):
 
 
 def convox_processes(app):
-    """PIDs of convox.py processes (clients or their watchdogs) whose command names ``app``."""
-    return pids_where(lambda words: app.encode() in words and
-                      any(w.endswith(b"convox.py") for w in words))
+    """PIDs of convox.py processes whose command names ``app``: clients (-a APP) and their
+    watchdogs (--watchdog RACK APP-SERVICE-run-XXXX DEADLINE)."""
+    name = app.encode()
+    return pids_where(lambda words: any(w == name or w.startswith(name + b"-") for w in words)
+                      and any(w.endswith(b"convox.py") for w in words))
 
 
 def executable_file(folder, name, text):
@@ -4184,6 +4186,39 @@ class RunTimeoutTest(RunTestCase):
         proc.wait(10)
         self.assertTrue(self.processes_of(app, "process"))  # the client died; not the process
         self.assertNoneLeft(app, within=20 - (time.monotonic() - started))
+        self.assertNoWatchdog(app)
+
+    def test_watchdog_gets_only_the_rack_and_the_container(self):
+        """Not the client's command line (--env DBPASS=…) nor its environment."""
+        app = app_name("rundogsecret")
+        self.container(app, "web")
+        secret = "s3cret-%s" % RUN_ID
+        proc = subprocess.Popen(
+            [sys.executable, CONVOX, "-a", app, "run", "--env", "DBPASS=" + secret,
+             "--timeout", "600", "web", "sleep", "600"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE,
+            env=HARNESS.env(CONVOX_TEST_SECRET=secret))
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        one_off = self.running_one_off(app)
+        for _ in deadline_loop(10, 0.1):
+            dogs = [pid for pid in convox_processes(app) if pid != proc.pid]
+            if dogs:
+                break
+        self.assertEqual(len(dogs), 1, dogs)
+        with open("/proc/%d/cmdline" % dogs[0], "rb") as handle:
+            argv = handle.read().decode().split("\0")[:-1]
+        with open("/proc/%d/environ" % dogs[0], "rb") as handle:
+            environ = dict(line.split("=", 1) for line in
+                           handle.read().decode().split("\0")[:-1])
+        self.assertEqual(argv[1:5], [CONVOX, "--watchdog", HARNESS.rack_url,
+                                     one_off["Names"][0].lstrip("/")])
+        self.assertTrue(0 < int(argv[5]) - time.time() <= 602, argv)
+        self.assertLessEqual(set(environ), set(convox.WATCHDOG_ENVIRON) |
+                             {"DOCKER_API_VERSION"})
+        self.assertNotIn(secret, "\0".join(argv) + repr(environ))
+        proc.kill()
+        proc.wait(10)
+        self.engine.remove(one_off["Id"])
         self.assertNoWatchdog(app)
 
     def test_no_watchdog_after_a_normal_run(self):
