@@ -208,41 +208,60 @@ class TimeoutExpired(ConvoxError):
 # Transport
 # ==========================================================================================
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a UNIX socket: only ``connect()`` differs from the base class."""
+class SocketHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a socket that ``opener(timeout)`` returns connected: only ``connect()``
+    differs from the base class (a UNIX socket, or one an ssh rack provides)."""
 
-    def __init__(self, path, timeout=None):
+    def __init__(self, opener, timeout=None):
         super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
+        self.opener = opener
 
     def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+        self.sock = self.opener(self.timeout)
+
+
+def unix_socket(path, timeout):
+    """A stream socket connected to the UNIX socket at ``path``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Rack:
-    """Where the engine is: ``kind`` is ``unix``, ``tcp`` or ``tls``; ``address`` a path
-    or a ``(host, port)`` pair; ``url`` is what the user wrote, for messages."""
+    """Where the engine is: ``kind`` is ``unix``, ``tcp``, ``tls`` or ``ssh``; ``address`` a
+    path, a ``(host, port)`` pair or, for ssh, ``(user, host, port, remote socket)``;
+    ``url`` is what the user wrote, for messages."""
 
-    def __init__(self, kind, address, url, cert_path=None):
+    def __init__(self, kind, address, url, cert_path=None, ssh_command=None):
         self.kind = kind
         self.address = address
         self.url = url
         self.cert_path = cert_path
+        self.ssh_command = ssh_command  # CONVOX_SSH_COMMAND, for ssh racks
+        self._tunnel = None
 
     def __repr__(self):
         return "Rack(%r, %r)" % (self.kind, self.address)
 
+    def close(self):
+        """End what reaching the engine took (an ssh rack's ssh and its socket)."""
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+
     def connection(self, timeout):
         """A new, not yet connected, ``http.client`` connection to the engine."""
         if self.kind == "unix":
-            return UnixHTTPConnection(self.address, timeout=timeout)
+            return SocketHTTPConnection(lambda t: unix_socket(self.address, t), timeout)
+        if self.kind == "ssh":
+            if self._tunnel is None:
+                self._tunnel = SshTunnel(self)
+            return SocketHTTPConnection(self._tunnel.socket, timeout)
         host, port = self.address
         if self.kind == "tcp":
             return http.client.HTTPConnection(host, port, timeout=timeout)
@@ -262,6 +281,240 @@ class Rack:
                 "cannot load the TLS certificates in %s (%s) — set DOCKER_CERT_PATH to the "
                 "folder with ca.pem, cert.pem and key.pem" % (folder, exc))
         return context
+
+
+#: The far side's engine socket when an ssh:// rack names none (SPEC §2.1).
+SSH_DEFAULT_SOCKET = "/var/run/docker.sock"
+
+#: The python3 stdio bridge: copies both ways, passes stdin's end on to the engine as a
+#: half-close, and ends when the engine's side does (so no output is lost at the end).
+PYTHON_BRIDGE = """\
+import os, select, socket, sys
+engine = socket.socket(socket.AF_UNIX)
+engine.connect(sys.argv[1])
+sources = [0, engine]
+while True:
+    for source in select.select(sources, [], [])[0]:
+        if source is engine:
+            data = engine.recv(65536)
+            if not data:
+                sys.exit(0)
+            while data:
+                data = data[os.write(1, data):]
+        else:
+            data = os.read(0, 65536)
+            if data:
+                engine.sendall(data)
+            else:
+                engine.shutdown(socket.SHUT_WR)
+                sources.remove(0)
+"""
+
+
+def ssh_bridge_command(path):
+    """The far side's command that joins ssh's stdio to the engine socket at ``path``: the
+    first of docker, socat, nc, python3 that it has (SPEC §2.1).  socat's default ``-t 0.5``
+    drops output that comes after stdin's end, and nc passes that end on only with ``-N``.
+    One line in ``sh -c``, so that a csh or fish login shell runs it too."""
+    from shlex import quote
+    sock = quote(path)
+    bridges = [
+        ("docker", "docker -H %s system dial-stdio" % quote("unix://" + path)),
+        ("socat", "socat -t 86400 STDIO %s" % quote("UNIX-CONNECT:" + path)),
+        ("nc", "nc -N -U %s" % sock),
+        ("python3", "python3 -c %s %s" % (quote("exec(%r)" % PYTHON_BRIDGE), sock)),
+    ]
+    script = "[ -S %s ] || { echo no socket at %s >&2; exit 1; }; " % (sock, sock)
+    for program, command in bridges:
+        script += "%s command -v %s >/dev/null 2>&1; then exec %s; " % (
+            "if" if program == "docker" else "elif", program, command)
+    script += "else echo \"none of docker, socat, nc, python3 is installed\" >&2; exit 1; fi"
+    return "sh -c " + quote(script)
+
+
+class SshTunnel:
+    """An ssh:// rack's engine socket, reached through one ``ssh`` per invocation.
+
+    ``ssh`` runs as a ControlMaster with a stream-local forward of the far side's socket to
+    ``engine.sock`` in a folder only we can open (0700), so that every connection is a plain
+    UNIX connection and costs what it costs locally.  A server that refuses forwarding
+    (``AllowStreamLocalForwarding no``) still lets the local end accept, then closes it: a
+    probe tells, and each connection then runs a stdio bridge on the far side through the
+    master instead (one end of a socketpair as its stdin and stdout).  ``ssh`` ignores the
+    SIGINT and SIGHUP that convox handles (it keeps an ignored signal ignored), and a
+    janitor process ends it and removes the folder should convox itself be killed.
+    """
+
+    def __init__(self, rack):
+        from shlex import split
+        self.rack = rack
+        self.user, self.host, self.port, self.path = rack.address
+        self.command = split(rack.ssh_command or "ssh")
+        self.folder = self.master = self.janitor = None
+        self.bridged = False
+        self.bridges = []
+
+    def destination(self):
+        """ssh's options that name the far side, ``--`` before the host."""
+        words = ["-p", str(self.port)] if self.port else []
+        return words + (["-l", self.user] if self.user else []) + ["--", self.host]
+
+    def hint(self):
+        """The ssh command a user can try by hand."""
+        return " ".join(self.command + self.destination()[:-2] + [self.host])
+
+    def socket(self, timeout):
+        """A new connection to the far side's engine socket (ssh starts on the first)."""
+        if self.master is None:
+            self.start(timeout)
+        if self.bridged:
+            return self.bridge(timeout)
+        try:
+            return unix_socket(os.path.join(self.folder, "engine.sock"), timeout)
+        except OSError as exc:
+            if self.master.poll() is None:
+                raise
+            raise self.failure("ssh ended")  # the connection dropped, or ssh was killed
+
+    def start(self, timeout):
+        import tempfile
+        self.folder = tempfile.mkdtemp(prefix="convox-ssh-")  # mode 0700
+        local = os.path.join(self.folder, "engine.sock")
+        control = os.path.join(self.folder, "ssh.ctl")
+        self.master = self.spawn(
+            ["-nNT", "-o", "ExitOnForwardFailure=yes", "-o", "ControlMaster=yes",
+             "-o", "ControlPersist=no", "-o", "ControlPath=" + control,
+             "-L", "%s:%s" % (local, self.path)])
+        self.janitor = _spawn_janitor(self.master.pid, self.folder)
+        give_up = time.monotonic() + (timeout or CONTROL_TIMEOUT)
+        while not (os.path.exists(local) and os.path.exists(control)):
+            if self.master.poll() is not None:
+                raise self.failure()
+            if time.monotonic() > give_up:
+                raise EngineUnavailable(
+                    "ssh to %s did not connect within %g s — check that `%s` works from "
+                    "here" % (self.host, timeout or CONTROL_TIMEOUT, self.hint()))
+            time.sleep(0.005)
+        if not self.answers(unix_socket(local, timeout)):
+            self.bridged = True  # forwarding refused, or no socket there: the bridge says
+            if not self.answers(self.bridge(timeout)):
+                self.wait_bridges()  # for its last words
+                raise self.failure()
+
+    def answers(self, sock):
+        """Does an HTTP server answer on this fresh connection?"""
+        try:
+            sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n")
+            return sock.recv(5) == b"HTTP/"
+        except OSError:
+            return False
+        finally:
+            sock.close()
+
+    def bridge(self, timeout):
+        """A connection through a stdio bridge on the far side, over the master."""
+        self.bridges = [proc for proc in self.bridges if proc.poll() is None]
+        ours, theirs = socket.socketpair()
+        try:
+            self.bridges.append(self.spawn(
+                ["-T", "-o", "ControlMaster=no", "-o", "ControlPath=" +
+                 os.path.join(self.folder, "ssh.ctl")],
+                [ssh_bridge_command(self.path)], stdin=theirs, stdout=theirs))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.settimeout(timeout)
+        return ours
+
+    def spawn(self, options, remote=(), stdin=None, stdout=None):
+        """Start ssh with these options; its complaints go to ssh.log in the folder (a
+        pipe nobody reads while a session runs would fill up and stall ssh)."""
+        import subprocess
+        argv = self.command + options + self.destination() + list(remote)
+        null = subprocess.DEVNULL
+        with open(os.path.join(self.folder, "ssh.log"), "ab") as log:
+            try:
+                return subprocess.Popen(argv, stdin=null if stdin is None else stdin,
+                                        stdout=null if stdout is None else stdout,
+                                        stderr=log, preexec_fn=_ssh_signals)
+            except OSError as exc:
+                raise EngineUnavailable(
+                    "cannot run %s (%s) — install the OpenSSH client, or set "
+                    "CONVOX_SSH_COMMAND" % (argv[0], exc.strerror or exc))
+
+    def failure(self, what=None):
+        """EngineUnavailable quoting ssh's (or the bridge's) last line of complaint."""
+        try:
+            with open(os.path.join(self.folder, "ssh.log"), "rb") as log:
+                lines = log.read()[-4096:].decode("utf-8", "replace").splitlines()
+        except OSError:
+            lines = []
+        lines = [printable(line).strip() for line in lines if line.strip()]
+        reason = "; ".join(filter(None, [what, lines[-1] if lines else "ssh failed"]))
+        return EngineUnavailable(
+            "cannot reach the engine at %s over ssh (%s) — check that `%s` works from here "
+            "and that the engine's socket is at %s there" % (
+                self.rack.url, reason, self.hint(), self.path))
+
+    def wait_bridges(self, patience=5.0):
+        """Wait for the bridges' ssh to end; -> those still running."""
+        give_up = time.monotonic() + patience
+        while any(proc.poll() is None for proc in self.bridges) and \
+                time.monotonic() < give_up:
+            time.sleep(0.005)
+        return [proc for proc in self.bridges if proc.poll() is None]
+
+    def close(self):
+        """End every ssh of this tunnel, remove the folder, let the janitor go."""
+        procs = [proc for proc in self.bridges + [self.master] if proc is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        self.bridges = procs
+        for proc in self.wait_bridges():
+            proc.kill()
+            proc.wait()
+        if self.folder is not None:
+            import shutil
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if self.janitor is not None:
+            pid, fd = self.janitor
+            os.write(fd, b"x")  # all done: nothing for it to do
+            os.close(fd)
+            _quietly(os.waitpid, pid, 0)
+            self.janitor = None
+
+
+def _ssh_signals():
+    """In ssh's child, before exec: Ctrl-C and a hang-up are convox's to handle (it passes
+    them on to the process and cleans up over this very ssh); ssh keeps them ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _spawn_janitor(ssh_pid, folder):
+    """Fork a process that outlives a killed convox (SIGKILL) just long enough to end its
+    ssh and remove its folder; -> (pid, the pipe that tells it all went well)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(read_fd)
+        return pid, write_fd
+    try:
+        os.setsid()
+        _become_daemon(keep=read_fd)
+        if not os.read(read_fd, 1):  # EOF without a word: convox is gone
+            os.kill(ssh_pid, signal.SIGTERM)
+            for _ in range(200):
+                time.sleep(0.01)
+                os.kill(ssh_pid, 0)  # raises once it is gone
+    except BaseException:
+        pass
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+    os._exit(0)
 
 
 def parse_rack(url, environ=None):
@@ -296,8 +549,38 @@ def parse_rack(url, environ=None):
         return Rack("tls" if tls else "tcp", (host, int(port)), url,
                     cert_path=environ.get("DOCKER_CERT_PATH"))
     if scheme == "ssh":
-        raise UsageError("ssh:// racks are not supported yet — use a unix:// or tcp:// rack")
+        return _ssh_rack(url, environ)
     raise malformed
+
+
+def _ssh_rack(url, environ):
+    """``ssh://[user@]host[:port][/path/of/remote/socket]`` (SPEC §2.1)."""
+    from urllib.parse import unquote, urlsplit
+    parts = urlsplit("ssh://" + url.partition("://")[2])
+
+    def refused(why):
+        return UsageError("rack URL %r %s — use ssh://[user@]host[:port][/path/to/engine.sock]"
+                          % (url, why))
+    if parts.password is not None:
+        raise refused("carries a password (ssh would never use it); ssh asks for one, "
+                      "or use a key or ssh-agent")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise refused("has a query or a fragment")
+    host = parts.hostname or ""
+    if host.startswith("-"):
+        raise refused("names a host that starts with '-'")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    path = unquote(parts.path) or SSH_DEFAULT_SOCKET
+    if path == "/":
+        path = SSH_DEFAULT_SOCKET
+    if not re.match(r"[^\s/\[\]\x00-\x1f\x7f]+\Z", host) or port == -1 or port == 0 or \
+            ":" in path or re.search(r"[\x00-\x1f\x7f]", path + (parts.username or "")):
+        raise refused("is malformed")
+    return Rack("ssh", (unquote(parts.username or "") or None, host, port, path), url,
+                ssh_command=environ.get("CONVOX_SSH_COMMAND"))
 
 
 def resolve_rack(option=None, environ=None, exists=os.path.exists):
@@ -3644,6 +3927,7 @@ class Context:
     def close(self):
         if self._engine is not None:
             self._engine.close()
+            self._engine.rack.close()
 
 
 def cmd_ps(ctx):
@@ -4044,10 +4328,10 @@ def _wait_status(response):
 
 
 #: All the watchdog keeps of the environment: what reaching the engine takes (TLS settings;
-#: for ssh:// racks the ssh client's PATH, HOME and agent).  Nothing else: the client's
-#: environment, like its command line, may hold secrets.
+#: for ssh:// racks the ssh client, its PATH, HOME and agent, and where its socket goes).
+#: Nothing else: the client's environment, like its command line, may hold secrets.
 WATCHDOG_ENVIRON = ("DOCKER_TLS_VERIFY", "DOCKER_TLS", "DOCKER_CERT_PATH", "DOCKER_CONFIG",
-                    "HOME", "PATH", "SSH_AUTH_SOCK")
+                    "HOME", "PATH", "SSH_AUTH_SOCK", "CONVOX_SSH_COMMAND", "TMPDIR")
 
 
 def spawn_watchdog(engine, container, timeout, environ):
@@ -4080,20 +4364,24 @@ def spawn_watchdog(engine, container, timeout, environ):
 
 def watchdog(rack_url, container, deadline, environ):
     """The watchdog's program (see spawn_watchdog): wait for the container's removal; at
-    ``deadline`` (UNIX seconds) stop and remove it."""
+    ``deadline`` (UNIX seconds) stop and remove it.  On an ssh rack it has its own ssh."""
     engine = Engine(parse_rack(rack_url, environ), environ)
-    conn = engine.connect(timeout=max(0.0, float(deadline) - time.time()) + 1)
     try:
-        conn.request("POST", engine.url("/containers/%s/wait" % container,
-                                        {"condition": "removed"}), body=b"")
-        conn.getresponse().read()
-    except socket.timeout:
-        engine.stop(container)
-        engine.remove(container)
+        conn = engine.connect(timeout=max(0.0, float(deadline) - time.time()) + 1)
+        try:
+            conn.request("POST", engine.url("/containers/%s/wait" % container,
+                                            {"condition": "removed"}), body=b"")
+            conn.getresponse().read()
+        except socket.timeout:
+            engine.stop(container)
+            engine.remove(container)
+    finally:
+        engine.rack.close()
 
 
-def _become_daemon():
-    """Drop everything the watchdog inherited: fds (sockets, the terminal) and handlers."""
+def _become_daemon(keep=None):
+    """Drop everything a watchdog or janitor inherited: fds (sockets, the terminal; all but
+    ``keep``) and handlers."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH):
         signal.signal(signum, signal.SIG_IGN if signum != signal.SIGTERM else signal.SIG_DFL)
     try:
@@ -4103,7 +4391,11 @@ def _become_daemon():
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    os.closerange(3, _max_fd())
+    if keep is None:
+        os.closerange(3, _max_fd())
+    else:
+        os.closerange(3, keep)
+        os.closerange(keep + 1, _max_fd())
 
 
 def _max_fd():

@@ -522,6 +522,7 @@ SWARM = SwarmHarness()
 
 def tearDownModule():
     try:
+        SSH.cleanup()
         HARNESS.cleanup()
     finally:
         SWARM.cleanup()
@@ -792,6 +793,45 @@ class RackTest(unittest.TestCase):
                 with self.assertRaises(convox.UsageError) as caught:
                     convox.parse_rack(url, {})
                 self.assertIn("malformed rack URL", str(caught.exception))
+
+    def test_ssh_forms(self):
+        cases = [
+            ("ssh://box", (None, "box", None, "/var/run/docker.sock")),
+            ("ssh://ops@box:2222", ("ops", "box", 2222, "/var/run/docker.sock")),
+            ("ssh://ops@box/run/podman/podman.sock", ("ops", "box", None,
+                                                      "/run/podman/podman.sock")),
+            ("SSH://[::1]:22/", (None, "::1", 22, "/var/run/docker.sock")),
+        ]
+        for url, address in cases:
+            with self.subTest(url=url):
+                rack = convox.parse_rack(url, {"CONVOX_SSH_COMMAND": "ssh -F cfg"})
+                self.assertEqual((rack.kind, rack.address, rack.ssh_command),
+                                 ("ssh", address, "ssh -F cfg"))
+        tunnel = convox.SshTunnel(convox.parse_rack("ssh://ops@box:2222", {}))
+        self.assertEqual(tunnel.destination(), ["-p", "2222", "-l", "ops", "--", "box"])
+        refused = [("ssh://ops:pw@box", "password"), ("ssh://box?x=1", "query"),
+                   ("ssh://box#top", "fragment"), ("ssh://-oProxyCommand=x", "'-'"),
+                   ("ssh://", "malformed"), ("ssh://box:0", "malformed"),
+                   ("ssh://box:99999", "malformed"), ("ssh://box/a:b", "malformed"),
+                   ("ssh://b ox", "malformed")]
+        for url, why in refused:
+            with self.subTest(url=url):
+                with self.assertRaises(convox.UsageError) as caught:
+                    convox.parse_rack(url, {})
+                self.assertIn(why, str(caught.exception))
+
+    def test_ssh_bridge_command(self):
+        """The far side runs the first bridge it has; each passes stdin's end on."""
+        import shlex
+        words = shlex.split(convox.ssh_bridge_command("/run/my engine.sock"))
+        self.assertEqual(words[:2], ["sh", "-c"])
+        script = words[2]
+        order = [script.index(tool) for tool in (
+            "docker -H 'unix:///run/my engine.sock' system dial-stdio",
+            "socat -t 86400 STDIO 'UNIX-CONNECT:/run/my engine.sock'",
+            "nc -N -U '/run/my engine.sock'", "python3 -c ")]
+        self.assertEqual(order, sorted(order))
+        self.assertNotIn("\n", script)  # one line, for any login shell
 
     def test_resolution_order(self):
         exists = {"/var/run/docker.sock"}.__contains__
@@ -4287,6 +4327,397 @@ class RunTerminalTest(TerminalTestCase):
 
 
 # ==========================================================================================
+# The real engine over ssh:// (SPEC §2.1)
+# ==========================================================================================
+
+SSH_INSTALL_HINT = "apt-get install -y openssh-server openssh-client"
+
+
+class SshServer:
+    """Two private sshd on 127.0.0.1 in front of the engine the tests use, and the ssh
+    client set-up to reach them (CONVOX_SSH_COMMAND); everything removed afterwards.
+
+    Own ports, config and host key; a temporary key-only user (password field ``*``, which
+    ``UsePAM no`` needs) in the engine socket's group.  ``forward`` allows stream-local
+    forwarding as sshd does by default; ``refuse`` sets ``AllowStreamLocalForwarding no``
+    and a PATH with only sh and python3, so that convox must bridge with python3.
+    """
+
+    def __init__(self):
+        self.ready = False
+        self.problem = None
+        self.folder = self.user = None
+        self.procs = {}
+        self.made_privsep = False
+
+    def setup(self, socket_path):
+        if self.ready or self.problem:
+            return
+        try:
+            self._start(socket_path)
+            self.ready = True
+        except Exception as exc:  # noqa: BLE001 - reported as the skip/failure reason
+            self.problem = "%s — install it: %s" % (exc, SSH_INSTALL_HINT)
+            sys.stderr.write("test: the ssh tests cannot run: %s\n" % self.problem)
+            self.cleanup()
+
+    def _start(self, socket_path):
+        import grp
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        for program in (sshd, shutil.which("ssh"), shutil.which("ssh-keygen"),
+                        shutil.which("useradd")):
+            if not program or not os.path.exists(program):
+                raise RuntimeError("sshd, ssh, ssh-keygen or useradd is missing")
+        if os.geteuid() != 0:
+            raise RuntimeError("not root (a test sshd needs its own user)")
+        self.folder = tempfile.mkdtemp(prefix="convox-test-ssh-")
+        os.chmod(self.folder, 0o711)  # sshd reads authorized_keys as the user
+        path = lambda *names: os.path.join(self.folder, *names)  # noqa: E731
+        for key in ("host_key", "user_key", "other_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path(key)],
+                           check=True, stdout=subprocess.DEVNULL, timeout=30)
+        self.user = "cvx%s" % RUN_ID
+        group = grp.getgrgid(os.stat(socket_path).st_gid).gr_name
+        os.makedirs(path("home", ".ssh"))
+        shutil.copy(path("user_key.pub"), path("home", ".ssh", "authorized_keys"))
+        subprocess.run(["useradd", "-M", "-d", path("home"), "-s", "/bin/sh", "-G", group,
+                        "-p", "*", self.user], check=True, timeout=30)
+        subprocess.run(["chown", "-R", self.user, path("home")], check=True, timeout=30)
+        os.makedirs(path("bin"))  # the refusing server's PATH: no docker, socat or nc
+        for program in ("sh", "python3"):
+            target = "/bin/sh" if program == "sh" else shutil.which(
+                "python3", path="/usr/local/bin:/usr/bin:/bin")
+            os.symlink(target, path("bin", program))
+        os.chmod(path("bin"), 0o755)
+        if not os.path.isdir("/run/sshd"):  # sshd's privilege separation directory
+            os.makedirs("/run/sshd", 0o755)
+            self.made_privsep = True
+        with open(path("host_key.pub")) as handle:
+            host_key = " ".join(handle.read().split()[:2])
+        with open(path("other_key.pub")) as handle:
+            other_key = " ".join(handle.read().split()[:2])
+        self.ports = {}
+        known, wrong = [], []
+        for name, extra in (("forward", ""),
+                            ("refuse", "AllowStreamLocalForwarding no\n"
+                                       "SetEnv PATH=%s\n" % path("bin"))):
+            port = free_port()
+            self.ports[name] = port
+            known.append("[127.0.0.1]:%d %s\n" % (port, host_key))
+            wrong.append("[127.0.0.1]:%d %s\n" % (port, other_key))
+            with open(path("sshd_%s.conf" % name), "w") as handle:
+                handle.write(
+                    "Port %d\nListenAddress 127.0.0.1\nHostKey %s\nPidFile none\nUsePAM no\n"
+                    "AuthenticationMethods publickey\nPasswordAuthentication no\n"
+                    "KbdInteractiveAuthentication no\nStrictModes no\nAllowUsers %s\n"
+                    "AuthorizedKeysFile %s\n%s" % (
+                        port, path("host_key"), self.user,
+                        path("home", ".ssh", "authorized_keys"), extra))
+        for name, lines in (("known_hosts", known), ("wrong_known_hosts", wrong)):
+            with open(path(name), "w") as handle:
+                handle.writelines(lines)
+            with open(path("ssh_config" if name == "known_hosts" else "ssh_config_wrong"),
+                      "w") as handle:
+                handle.write("Host *\n  IdentityFile %s\n  IdentitiesOnly yes\n"
+                             "  UserKnownHostsFile %s\n  GlobalKnownHostsFile /dev/null\n"
+                             "  BatchMode yes\n  StrictHostKeyChecking yes\n"
+                             % (path("user_key"), path(name)))
+        for name, port in self.ports.items():
+            log = open(path("sshd_%s.log" % name), "wb")
+            self.procs[name] = subprocess.Popen(
+                [sshd, "-D", "-e", "-f", path("sshd_%s.conf" % name)], stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd="/")
+            log.close()
+        self.socket_path = socket_path
+        for name, port in self.ports.items():
+            for _ in deadline_loop(15, 0.05):
+                if self.procs[name].poll() is not None:
+                    break
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+            else:
+                raise RuntimeError("sshd did not listen on port %d" % port)
+            if self.procs[name].poll() is not None:
+                with open(path("sshd_%s.log" % name), "rb") as handle:
+                    raise RuntimeError("sshd did not start: %s" %
+                                       handle.read()[-500:].decode("utf-8", "replace"))
+
+    def url(self, name="forward", path=None):
+        """The rack URL of a server; the engine's socket in it unless it is the default."""
+        if path is None:
+            path = "" if self.socket_path == convox.SSH_DEFAULT_SOCKET else self.socket_path
+        return "ssh://%s@127.0.0.1:%d%s" % (self.user, self.ports[name], path)
+
+    def command(self, config="ssh_config"):
+        return "ssh -F %s" % os.path.join(self.folder, config)
+
+    def ssh_processes(self):
+        """Our ssh clients still running: every one names our ssh config."""
+        marker = self.folder.encode()
+        return pids_where(lambda words: words[0].endswith(b"ssh") and
+                          any(marker in word for word in words))
+
+    def cleanup(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs = {}
+        for pid in self.ssh_processes() if self.folder else ():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if self.user:
+            # -f: a session that still closes must not keep the user.
+            subprocess.run(["userdel", "-f", self.user], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=30)
+            self.user = None
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+        if self.made_privsep:
+            with contextlib.suppress(OSError):
+                os.rmdir("/run/sshd")
+            self.made_privsep = False
+        self.ready = False
+
+
+SSH = SshServer()
+
+
+class SshTestCase(TerminalTestCase):
+    """A test through the private sshd: each client gets its own TMPDIR, which must be
+    empty at the end (no socket file left), and no ssh of ours may outlive the test."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        rack = convox.parse_rack(HARNESS.rack_url, {})
+        if rack.kind != "unix":
+            raise unittest.SkipTest("the ssh tests need an engine on a UNIX socket")
+        SSH.setup(rack.address)
+        if not SSH.ready:
+            message = "ssh tests unavailable: %s" % SSH.problem
+            if REQUIRE_ENGINE:
+                raise RuntimeError(message)
+            raise unittest.SkipTest(message)
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="convox-test-sshtmp-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def ssh_env(self, name="forward", url=None, config="ssh_config"):
+        url = url or SSH.url(name)
+        return {"CONVOX_RACK": url, "DOCKER_HOST": url, "TMPDIR": self.tmp,
+                "CONVOX_SSH_COMMAND": SSH.command(config)}
+
+    def over_ssh(self, *args, name="forward", input=None, timeout=120, url=None,
+                 config="ssh_config", cwd=None):
+        return self.convox(*args, input=input, timeout=timeout, cwd=cwd,
+                           env=self.ssh_env(name, url, config))
+
+    def ssh_client(self, *args, name="forward"):
+        """convox.py over ssh in the background."""
+        proc = subprocess.Popen([sys.executable, CONVOX] + list(args),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=HARNESS.env(**self.ssh_env(name)),
+                                cwd=HERE)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        return proc
+
+    def assertNothingLeft(self, within=10):
+        """No ssh process of ours and no file in the clients' TMPDIR."""
+        for _ in deadline_loop(within, 0.05):
+            if not SSH.ssh_processes() and not os.listdir(self.tmp):
+                return
+        self.fail("left behind: ssh processes %r, files %r" % (
+            SSH.ssh_processes(), os.listdir(self.tmp)))
+
+
+class SshRackTest(ExecFixtures, SshTestCase):
+    """Every verb over an ssh:// rack whose sshd forwards the engine's socket."""
+
+    def test_ps_matches_the_local_socket(self):
+        app = app_name("sshps")
+        self.process(app, "web", memory=64)
+        self.process(app, "worker")
+        local = self.convox("-a", app, "ps", "--format", "json")
+        remote = self.over_ssh("-a", app, "ps", "--format", "json")
+        self.assertEqual(remote.returncode, 0, remote.stderr)
+        self.assertEqual(json.loads(remote.stdout.decode()), json.loads(local.stdout.decode()))
+        remote = self.over_ssh("-a", app, "ps")
+        self.assertEqual(remote.returncode, 0, remote.stderr)
+        self.assertRegex(remote.stdout.decode(), r"\AID  +NAME  +RELEASE  +SIZE  +STARTED  +"
+                         r"COMMAND\n[0-9a-f]{12}  web  .*  64  .*\n[0-9a-f]{12}  worker  ")
+        self.assertEqual(remote.stderr, b"")
+        self.assertNothingLeft()
+
+    def test_exec_pipes_and_statuses(self):
+        app = app_name("sshexec")
+        ident = self.process(app, "web")
+        data = os.urandom(8 * 1024 * 1024)
+        result = self.over_ssh("exec", ident, "sh", "-c", "cat; echo done >&2", input=data)
+        self.assertEqual(result.returncode, 0, result.stderr[-500:])
+        self.assertEqual(hashlib.sha256(result.stdout).hexdigest(),
+                         hashlib.sha256(data).hexdigest())
+        self.assertEqual(result.stderr, b"done\n")
+        for command, status in ((["sh", "-c", "exit 3"], 3), (["nosuchcommand"], 127),
+                                (["/bin"], 126)):
+            result = self.over_ssh("exec", ident, *command, input=b"")
+            self.assertEqual(result.returncode, status, result.stderr)
+        self.assertNothingLeft()
+
+    def test_exec_at_a_terminal(self):
+        app = app_name("sshtty")
+        ident = self.process(app, "web")
+        session = self.pty("exec", ident, "sh", env=self.ssh_env())
+        session.expect(r"/ # ")
+        session.send("stty size\r")
+        session.expect(r"\r\n30 100\r\n")
+        session.set_size(40, 120)
+        for _ in deadline_loop(10, 0.2):  # SIGWINCH and the resize call race the next line
+            session.send("stty size\r")
+            try:
+                session.expect(r"\r\n(\d+ \d+)\r\n", timeout=2)
+            except AssertionError:
+                continue
+            if b"\r\n40 120\r\n" in session.output:
+                break
+        self.assertIn(b"\r\n40 120\r\n", session.output)
+        session.send("sleep 100\r")
+        ExecTerminalTest.wait_for_process(self, ident, "sleep 100")
+        session.skip_pending()
+        session.send("\x03")
+        session.expect(r"/ # ", timeout=20)
+        session.send("exit 3\r")
+        self.assertEqual(session.wait(20), 3)
+        self.assertEqual(session.attrs(), session.initial_attrs)
+        self.assertNothingLeft()
+
+    def test_run_attached_detached_and_interrupted(self):
+        app = app_name("sshrun")
+        self.process(app, "web")
+        result = self.over_ssh("-a", app, "run", "web", "sh", "-c", "cat; exit 7",
+                               input=b"through ssh\n")
+        self.assertEqual((result.returncode, result.stdout), (7, b"through ssh\n"),
+                         result.stderr)
+        self.assertNoneLeft(app)
+        result = self.over_ssh("-a", app, "run", "--detach", "web", "echo", "later")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        ident = re.match(br"Running detached process\.\.\. OK, ([0-9a-f]{12})\n\Z",
+                         result.stdout).group(1).decode()
+        self.addCleanup(self.engine.remove, ident)
+        for _ in deadline_loop(20, 0.1):
+            if self.engine.inspect(ident)["State"]["Status"] == "exited":
+                break
+        self.assertEqual(self.engine.inspect(ident)["State"]["ExitCode"], 0)
+        self.engine.remove(ident)
+        # Ctrl-C at a terminal reaches the whole foreground group, ssh included: ssh must
+        # live on, for convox passes the signal on and removes the one-off through it.
+        session = self.pty("-a", app, "run", "--no-tty", "web", "sh", "-c",
+                           "echo go; sleep 100", env=self.ssh_env())
+        session.expect(r"go\r\n")
+        session.send("\x03")
+        self.assertEqual(session.wait(30), 130, session.output)
+        self.assertNoneLeft(app)
+        # SIGTERM to the client: the same clean end.
+        proc = self.ssh_client("-a", app, "run", "web", "sh", "-c", "echo go; sleep 100")
+        read_until(proc, b"go")
+        proc.terminate()
+        proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 143)
+        self.assertNoneLeft(app)
+        self.assertNothingLeft()
+
+    def test_timeout_holds_when_the_client_is_killed(self):
+        app = app_name("sshkill")
+        self.process(app, "web")
+        proc = self.ssh_client("-a", app, "run", "--timeout", "5", "web", "sleep", "600")
+        RunTestCase.running_one_off(self, app)
+        started = time.monotonic()
+        proc.kill()
+        proc.wait(10)
+        self.assertTrue(self.processes_of(app, "process"))
+        self.assertNoneLeft(app, within=20 - (time.monotonic() - started))
+        # The watchdog's own ssh ends with it, and the client's with the client.
+        self.assertNothingLeft(within=15)
+
+    def test_start_builds_over_ssh(self):
+        folder = tempfile.mkdtemp(prefix="convox-start-ssh-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        files = {"Dockerfile": "FROM %s\nCOPY payload /payload\n" % self.image,
+                 "convox.yml": "services:\n  web:\n    build: .\n    command: sleep 3600\n",
+                 "payload": "built from the context\n"}
+        for name, text in files.items():
+            with open(os.path.join(folder, name), "w") as handle:
+                handle.write(text)
+        app = app_name("sshstart")
+        result = self.over_ssh("-a", app, "start", "web", "cat", "/payload", cwd=folder,
+                               timeout=180)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn(b"built from the context\n", result.stdout)
+        self.assertNoneLeft(app, kind=None)
+        self.assertNothingLeft()
+
+    def test_failures_are_one_error_line(self):
+        cases = [
+            ("wrong port", dict(url="ssh://%s@127.0.0.1:%d" % (SSH.user, free_port())), 1,
+             "Connection refused"),
+            ("bad host key", dict(config="ssh_config_wrong"), 1,
+             "Host key verification failed"),
+            ("no socket there", dict(url=SSH.url(path="/nowhere/docker.sock")), 1,
+             "no socket at /nowhere/docker.sock"),
+            ("a password", dict(url="ssh://%s:secret@127.0.0.1:22" % SSH.user), 2,
+             "carries a password"),
+            ("an option for a host", dict(url="ssh://-oProxyCommand=touch%20x"), 2,
+             "starts with '-'"),
+        ]
+        for what, options, status, text in cases:
+            with self.subTest(what):
+                result = self.over_ssh("-a", "x", "ps", **options)
+                self.assertEqual(result.returncode, status, result.stderr)
+                self.assertOneErrorLine(result)
+                self.assertIn(text, result.stderr.decode())
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertNothingLeft()
+
+
+class SshBridgeTest(ExecFixtures, SshTestCase):
+    """A server that refuses forwarding (AllowStreamLocalForwarding no), with only sh and
+    python3 on its PATH: convox bridges each connection through python3 on the far side."""
+
+    def test_ps_exec_and_run_through_the_python3_bridge(self):
+        app = app_name("sshbridge")
+        ident = self.process(app, "web")
+        remote = self.over_ssh("-a", app, "ps", "--format", "json", name="refuse")
+        self.assertEqual(remote.returncode, 0, remote.stderr)
+        self.assertEqual([p["id"] for p in json.loads(remote.stdout.decode())], [ident])
+        data = os.urandom(8 * 1024 * 1024)
+        result = self.over_ssh("exec", ident, "cat", input=data, name="refuse")
+        self.assertEqual(result.returncode, 0, result.stderr[-500:])
+        self.assertTrue(result.stdout == data, "the 8 MiB came back changed")
+        result = self.over_ssh("-a", app, "run", "web", "sh", "-c", "cat; exit 5",
+                               input=b"bridged\n", name="refuse")
+        self.assertEqual((result.returncode, result.stdout), (5, b"bridged\n"), result.stderr)
+        self.assertNoneLeft(app)
+        self.assertNothingLeft()
+
+    def test_no_socket_there(self):
+        result = self.over_ssh("-a", "x", "ps", name="refuse",
+                               url=SSH.url("refuse", path="/nowhere/docker.sock"))
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertOneErrorLine(result)
+        self.assertIn(b"no socket at /nowhere/docker.sock", result.stderr)
+        self.assertNothingLeft()
+
+
+# ==========================================================================================
 # Swarm racks: the run's own 3-node Swarm
 # ==========================================================================================
 
@@ -5902,6 +6333,7 @@ if __name__ == "__main__":
         sys.exit(130)
     finally:
         try:
+            SSH.cleanup()
             HARNESS.cleanup()
         finally:
             SWARM.cleanup()
