@@ -35,8 +35,9 @@ convox.py -- Convox's one-off commands for any host with a Docker Engine API soc
     convox ps                       list the app's processes
     convox exec TARGET COMMAND...   run a command in a running process
     convox run SERVICE COMMAND...   run a command in a new one-off process of a service
-    convox start [SERVICE [COMMAND...]]
-                                    run the app locally from convox.yml or docker-compose.yml
+    convox start [SERVICE...]       run the app locally from convox.yml or docker-compose.yml,
+                                    syncing edited files into its running services
+    convox start SERVICE COMMAND... run COMMAND in a new local process of SERVICE
 
 One file, standard library only, CPython 3.6+.  It speaks the Docker Engine API itself
 (``http.client`` over the engine's UNIX socket, or TCP/TLS), so it works where there is a
@@ -63,8 +64,8 @@ Without a TTY the stream carries 8-byte frame headers ([stream, 0, 0, 0, size32]
 Sections, in the order of the data: Constants, Errors, Transport (where the engine is, its
 socket), Engine API (thin methods returning dicts), Racks (what the verbs ask of a rack:
 processes, the engine that runs one, one-offs), Streams (demux, pump), Terminal (raw mode,
-size, signals), Apps and processes (labels, the one-off template), Manifest, Commands (one
-function per verb), CLI.
+size, signals), Apps and processes (labels, the one-off template), Manifest, Sync (start's
+Dockerfile copies, context snapshots, uploads), Commands (one function per verb), CLI.
 
 The first lines are a launcher: run by name (``./convox.py``, ``convox`` on the PATH) the
 file starts under /bin/sh, which execs python3 (``CONVOX_PYTHON`` names another) with a
@@ -89,6 +90,7 @@ import errno
 import http.client
 import json
 import os
+import posixpath
 import re
 import select
 import socket
@@ -927,6 +929,23 @@ class Engine:
     def connect_network(self, network, ident, aliases=None):
         body = {"Container": ident, "EndpointConfig": {"Aliases": aliases or None}}
         return self.request("POST", "/networks/%s/connect" % network, body=body)
+
+    def put_archive(self, ident, path, data):
+        """Unpack the tar ``data`` into a container at ``path`` (PUT /containers/ID/archive)."""
+        status, _, body = self._roundtrip(
+            "PUT", self.url("/containers/%s/archive" % ident, {"path": path}), data,
+            {"Content-Type": "application/x-tar"}, self.timeout)
+        if status >= 400:
+            raise _http_error(body, status, "")
+
+    def get_archive(self, ident, path):
+        """A tar of ``path`` in a container (GET /containers/ID/archive)."""
+        status, _, body = self._roundtrip(
+            "GET", self.url("/containers/%s/archive" % ident, {"path": path}), None, {},
+            self.timeout)
+        if status >= 400:
+            raise _http_error(body, status, "")
+        return body
 
     # -- images ----------------------------------------------------------------------------
 
@@ -3887,6 +3906,356 @@ def tar_context(context_dir, dockerfile='Dockerfile'):
 
 
 # ==========================================================================================
+# Sync (start's development loop: where the Dockerfile put each file, what changed, upload)
+# ==========================================================================================
+
+#: Seconds between two looks at the build contexts while nothing changes, and while a burst
+#: of changes (an editor's save, a `git checkout`) goes on; a burst is sent once a look finds
+#: nothing new, or after SYNC_BURST_MAX seconds.  Detection + settling + upload stay < 2 s.
+SYNC_INTERVAL = 1.0
+SYNC_SETTLE = 0.2
+SYNC_BURST_MAX = 1.0
+
+#: ADD sources that the builder unpacks or downloads instead of copying: not synced.
+_ADD_UNPACKED = re.compile(r"(\.tar|\.tar\.\w+|\.tgz|\.tbz2?|\.txz)\Z|^[a-z][a-z0-9+.-]*://|"
+                           r"^git@", re.I)
+
+
+class Copy(object):
+    """One COPY/ADD of the build context: sources (context-relative), destination, owner."""
+
+    def __init__(self, sources, dest, chown=None, chmod=None):
+        self.sources, self.dest, self.chown, self.chmod = sources, dest, chown, chmod
+
+    def __repr__(self):
+        return "<Copy %r -> %r>" % (self.sources, self.dest)
+
+
+def _dockerfile_instructions(text):
+    """(KEYWORD, arguments) of each instruction: comments dropped, continuations joined."""
+    escape = "\\"
+    directive = re.match(r"\s*#\s*escape\s*=\s*(\S)", text)
+    if directive:
+        escape = directive.group(1)
+    joined = ""
+    for line in text.splitlines():
+        if not joined and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if joined and line.lstrip().startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.rstrip().endswith(escape):
+            joined += line.rstrip()[:-1] + " "
+            continue
+        words = (joined + line).strip().split(None, 1)
+        joined = ""
+        if words:
+            yield words[0].upper(), words[1] if len(words) > 1 else ""
+
+
+def _substitute(text, variables):
+    """$VAR and ${VAR} from the stage's ARG and ENV values (unknown: empty, as the builder)."""
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))",
+                  lambda m: variables.get(m.group(1) or m.group(2), ""), text)
+
+
+def dockerfile_copies(text, args=None, target=None):
+    """The COPY/ADD instructions of the final stage (or ``target``) that read the context,
+    with WORKDIR-relative destinations made absolute."""
+    stages = []
+    for keyword, rest in _dockerfile_instructions(text):
+        if keyword == "FROM":
+            name = re.search(r"\s+as\s+(\S+)\s*\Z", rest, re.I)
+            stages.append((name.group(1).lower() if name else None, []))
+        elif stages:
+            stages[-1][1].append((keyword, rest))
+    chosen = stages[-1][1] if stages else []
+    for name, instructions in stages:
+        if target and name == target.lower():
+            chosen = instructions
+    variables, workdir, copies = dict(args or {}), "/", []
+    for keyword, rest in chosen:
+        if keyword in ("ARG", "ENV"):
+            pairs = re.findall(r"(\w+)=(\"[^\"]*\"|'[^']*'|\S*)", rest)
+            if not pairs and keyword == "ENV" and len(rest.split(None, 1)) == 2:
+                pairs = [rest.split(None, 1)]  # the old form, ENV KEY value
+            for key, value in pairs:
+                if keyword == "ENV" or key not in variables:  # a build arg wins over ARG's
+                    variables[key] = value.strip().strip("\"'")
+        elif keyword == "WORKDIR":
+            workdir = posixpath.join(workdir, _substitute(rest.strip(), variables))
+        elif keyword in ("COPY", "ADD"):
+            copy = _parse_copy(keyword, rest, variables, workdir)
+            if copy is not None:
+                copies.append(copy)
+    return copies
+
+
+def _parse_copy(keyword, rest, variables, workdir):
+    flags = {}
+    while True:
+        flag = re.match(r"--(\w+)(?:=(\S*))?\s+", rest)
+        if not flag:
+            break
+        flags[flag.group(1)] = flag.group(2)
+        rest = rest[flag.end():]
+    if "from" in flags:
+        return None  # from another stage or image, not from the context
+    rest = rest.strip()
+    if rest.startswith("["):
+        try:
+            words = json.loads(rest)
+        except ValueError:
+            words = rest.split()
+    else:
+        words = rest.split()
+    words = [_substitute(str(word), variables) for word in words]
+    if len(words) < 2:
+        return None
+    sources = [_go_clean(word) for word in words[:-1]
+               if not (keyword == "ADD" and _ADD_UNPACKED.search(word))]
+    if not sources:
+        return None
+    dest = words[-1]
+    absolute = posixpath.normpath(posixpath.join(workdir, dest))
+    if dest.endswith("/") or dest in (".", "..") or dest.endswith("/."):
+        absolute = absolute.rstrip("/") + "/"
+    chmod = int(flags["chmod"], 8) if re.match(r"[0-7]{3,4}\Z", flags.get("chmod") or "") \
+        else None
+    return Copy(sources, absolute, flags.get("chown"), chmod)
+
+
+def _glob_match(pattern, path):
+    """Go's filepath.Match: wildcards never cross '/'."""
+    import fnmatch
+    parts, names = pattern.split("/"), path.split("/")
+    return len(parts) == len(names) and all(
+        fnmatch.fnmatchcase(name, part.replace("[^", "[!")) for part, name in zip(parts, names))
+
+
+def copy_destinations(copies, rel, is_dir=False):
+    """[(path in the container, Copy)] where the build put context file ``rel``.  A folder
+    named as a source has no place of its own: its content is copied, entry by entry."""
+    found = []
+    for copy in copies:
+        many = len(copy.sources) > 1 or copy.dest.endswith("/")
+        for source in copy.sources:
+            dest = copy.dest
+            if source == ".":
+                found.append((posixpath.join(dest, rel), copy))
+            elif re.search(r"[*?\[]", source):
+                names = rel.split("/")
+                for depth in range(1, len(names) + 1):
+                    if depth == len(names) and is_dir:
+                        break
+                    if _glob_match(source, "/".join(names[:depth])):
+                        # a matching file lands in dest/, a matching folder's content too
+                        found.append((posixpath.join(dest, *names[depth - 1:]) if
+                                      depth == len(names) else
+                                      posixpath.join(dest, *names[depth:]), copy))
+                        break
+            elif rel == source and not is_dir:
+                found.append((posixpath.join(dest, posixpath.basename(rel)) if many else
+                              dest, copy))
+            elif rel.startswith(source + "/"):
+                found.append((posixpath.join(dest, rel[len(source) + 1:]), copy))
+    return found
+
+
+class ContextWatch(object):
+    """Stat snapshots of one build context (minus .dockerignore), compared look by look.
+
+    A snapshot maps each relative path to (mode, size, mtime, ctime, inode) from
+    ``os.scandir`` (one lstat per entry; folders are only listed).  Whether a path is
+    ignored is decided once per path: the patterns do not change while start runs.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.excluded = dockerignore_matcher(read_dockerignore(root))
+        self.ignored = {}
+        self.snapshot = self.scan()
+
+    def scan(self):
+        found = {}
+        pending = [("", self.root)]
+        ignored, excluded = self.ignored, self.excluded
+        while pending:
+            rel_dir, full_dir = pending.pop()
+            try:
+                entries = list(os.scandir(full_dir))
+            except OSError:
+                continue  # removed while we looked: the next look sees it gone
+            for entry in entries:
+                rel = rel_dir + entry.name
+                skip = ignored.get(rel)
+                if skip is None:
+                    skip = ignored[rel] = excluded(rel)
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if is_dir and (not skip or _may_reinclude(excluded, rel)):
+                        pending.append((rel + "/", entry.path))
+                    if skip:
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                found[rel] = (st.st_mode, 0 if is_dir else st.st_size, st.st_mtime_ns,
+                              0 if is_dir else st.st_ctime_ns, st.st_ino)
+        return found
+
+    def changes(self):
+        """({changed or added path: is a folder}, {removed path: was a folder}) since the
+        last look; a folder counts only when it comes or goes."""
+        before, after = self.snapshot, self.scan()
+        self.snapshot = after
+        if before == after:
+            return {}, {}
+        changed = {rel: stat[0] & _S_IFMT == _S_IFDIR for rel, stat in after.items()
+                   if before.get(rel) != stat}
+        changed = {rel: is_dir for rel, is_dir in changed.items()
+                   if not (is_dir and rel in before)}
+        removed = {rel: stat[0] & _S_IFMT == _S_IFDIR for rel, stat in before.items()
+                   if rel not in after}
+        return changed, removed
+
+
+class SyncTarget(object):
+    """A running service container and what its Dockerfile copied from a context."""
+
+    def __init__(self, service, container, watch, copies):
+        self.service, self.container, self.watch, self.copies = service, container, watch, copies
+        self.owners = {}
+
+
+class Syncer(object):
+    """Keeps running service containers in step with their build contexts (SPEC §7.2).
+
+    No thread: ``follow`` calls ``tick`` when ``due`` has come.  Changed and added files go
+    in one tar through ``PUT /containers/ID/archive`` (path ``/``, the members named by their
+    absolute destinations); removed ones by one ``rm -rf`` exec.
+    """
+
+    def __init__(self, engine, printer, targets):
+        self.engine, self.printer, self.targets = engine, printer, targets
+        self.due = time.monotonic() + SYNC_INTERVAL
+        self.burst_began = None
+        self.pending = {}  # context root -> (changed set, removed set)
+
+    def tick(self):
+        now = time.monotonic()
+        news = False
+        for watch in {id(t.watch): t.watch for t in self.targets}.values():
+            changed, removed = watch.changes()
+            if changed or removed:
+                news = True
+                have = self.pending.setdefault(watch.root, ({}, {}))
+                for rel in removed:
+                    have[0].pop(rel, None)
+                for rel in changed:
+                    have[1].pop(rel, None)
+                have[0].update(changed)
+                have[1].update(removed)
+        if news and self.burst_began is None:
+            self.burst_began = now
+        if self.burst_began is not None and (news and now - self.burst_began < SYNC_BURST_MAX):
+            self.due = time.monotonic() + SYNC_SETTLE
+            return
+        if self.pending:
+            pending, self.pending, self.burst_began = self.pending, {}, None
+            for target in self.targets:
+                if target.watch.root in pending:
+                    self.send(target, *pending[target.watch.root])
+        self.due = time.monotonic() + SYNC_INTERVAL
+
+    def send(self, target, changed, removed):
+        """Upload and remove what the Dockerfile of ``target`` copied; say how many."""
+        uploads = [(dest, rel, copy) for rel in sorted(changed)
+                   for dest, copy in copy_destinations(target.copies, rel, changed[rel])]
+        removals = [dest for rel in sorted(removed)
+                    for dest, _ in copy_destinations(target.copies, rel, removed[rel])]
+        if not uploads and not removals:
+            return
+        try:
+            if removals:
+                self.remove(target.container, removals)
+            if uploads:
+                self.upload(target, uploads)
+        except ConvoxError as exc:
+            self.printer.say("sync %s failed: %s" % (target.service, exc))
+            return
+        files = [rel for _, rel, _ in uploads if not changed[rel]]  # not new folders
+        self.printer.say("sync %s: %d files" % (target.service, len(files) + len(removals)))
+
+    def remove(self, container, paths):
+        exec_id = self.engine.exec_create(container, {
+            "Cmd": ["rm", "-rf", "--"] + [path.rstrip("/") or "/." for path in paths],
+            "AttachStdout": False, "AttachStderr": False})["Id"]
+        self.engine.request("POST", "/exec/%s/start" % exec_id, body={"Detach": True})
+        give_up = time.monotonic() + 10
+        while self.engine.exec_inspect(exec_id).get("Running") and \
+                time.monotonic() < give_up:
+            time.sleep(0.02)
+
+    def upload(self, target, uploads):
+        import io
+        import tarfile
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for dest, rel, copy in uploads:
+                full = os.path.join(target.watch.root, rel)
+                try:
+                    info = tar.gettarinfo(full, dest.lstrip("/"))
+                except OSError:
+                    continue  # gone again since the look: the next look removes it
+                info.uid, info.gid = self.owner(target, copy.chown)
+                info.uname = info.gname = ""
+                if copy.chmod is not None:
+                    info.mode = copy.chmod
+                if info.isreg():
+                    try:
+                        with open(full, "rb") as handle:
+                            data = handle.read()
+                    except OSError:
+                        continue
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                elif info.isdir() or info.issym():
+                    tar.addfile(info)
+        self.engine.put_archive(target.container, "/", buffer.getvalue())
+
+    def owner(self, target, chown):
+        """(uid, gid) of --chown=USER[:GROUP] (names read from the container's /etc)."""
+        if not chown:
+            return 0, 0
+        if chown not in target.owners:
+            user, _, group = chown.partition(":")
+            uid = self.lookup(target, "/etc/passwd", user)
+            gid = self.lookup(target, "/etc/group", group) if group else uid
+            target.owners[chown] = (uid, gid)
+        return target.owners[chown]
+
+    def lookup(self, target, path, name):
+        if name.isdigit():
+            return int(name)
+        import io
+        import tarfile
+        try:
+            with tarfile.open(fileobj=io.BytesIO(self.engine.get_archive(
+                    target.container, path))) as tar:
+                member = tar.next()
+                text = tar.extractfile(member).read().decode("utf-8", "replace") \
+                    if member and member.isreg() else ""
+        except (EngineError, tarfile.TarError):
+            text = ""
+        for line in text.splitlines():
+            fields = line.split(":")
+            if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
+                return int(fields[2])
+        raise ConvoxError("no %s %s in the container (--chown) — check the Dockerfile" %
+                          ("user" if path.endswith("passwd") else "group", name))
+
+
+# ==========================================================================================
 # Commands
 # ==========================================================================================
 
@@ -4522,6 +4891,27 @@ class LocalApp:
         for _, tag in older[1:]:
             _quietly(self.engine.request, "DELETE", "/images/%s" % tag)
 
+    def watches(self, names):
+        """name -> (ContextWatch, copies) of each built service whose Dockerfile copies from
+        its context; taken before the build, so that edits made during it are synced."""
+        found, by_root = {}, {}
+        for name in names:
+            build = self.manifest.services[name].build
+            if build is None:
+                continue
+            path = os.path.join(build["context"], build.get("dockerfile") or "Dockerfile")
+            args = {k: v for k, v in (build.get("args") or {}).items() if v is not None}
+            try:
+                with open(path, encoding="utf-8", errors="replace") as handle:
+                    copies = dockerfile_copies(handle.read(), args, build.get("target"))
+            except OSError:
+                continue  # the build says what is wrong
+            if copies:
+                if build["context"] not in by_root:
+                    by_root[build["context"]] = ContextWatch(build["context"])
+                found[name] = (by_root[build["context"]], copies)
+        return found
+
     def build_service(self, service, printer, no_cache):
         build = service.build
         tag = "%s:%s" % (self.repository(service.name), self.release)
@@ -4826,7 +5216,7 @@ def manifest_template(engine, app, service, environ, cwd=None):
     return local.template(service)
 
 
-def follow(local, streams, printer, signal_fd):
+def follow(local, streams, printer, signal_fd, syncer=None):
     """Print every service's output until all have exited or a stop is asked for.
 
     ``streams`` maps service -> Hijacked (not TTY).  Returns ``("exited", status)`` with the
@@ -4846,8 +5236,12 @@ def follow(local, streams, printer, signal_fd):
     stop_deadline = None
     while by_sock:
         readable = list(by_sock) + ([signal_fd] if signal_fd is not None else [])
-        timeout = None if stop_deadline is None else max(0, stop_deadline - time.monotonic())
+        wake = [t for t in (stop_deadline, None if stopping or syncer is None else syncer.due)
+                if t is not None]
+        timeout = max(0, min(wake) - time.monotonic()) if wake else None
         ready, _, _ = select.select(readable, [], [], timeout)
+        if syncer is not None and not stopping and time.monotonic() >= syncer.due:
+            syncer.tick()
         if signal_fd is not None and signal_fd in ready:
             for signum in _drain_signals(signal_fd):
                 if signum not in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -4927,18 +5321,20 @@ def cmd_start(ctx):
     printer = LogPrinter(names, stdio.stdout_fd, colour)
     ctx.stdout.flush()
     local.claim(names)
+    watches = {} if command is not None or args.no_sync else local.watches(names)
     try:
         local.build(names, printer, args.no_build, args.no_cache)
         local.ensure_network()
         if command is not None:
             return start_command(ctx, local, names, command, printer)
-        return start_services(local, names, printer)
+        return start_services(local, names, printer, watches)
     finally:
         local.remove_all()
 
 
-def start_services(local, names, printer):
-    """Run every service, following their output, until they exit or are stopped."""
+def start_services(local, names, printer, watches):
+    """Run every service, following their output and syncing their contexts (``watches``,
+    see LocalApp.watches), until they exit or are stopped."""
     streams = {}
     with SignalPipe([signal.SIGINT, signal.SIGTERM, signal.SIGHUP]) as pipe:
         try:
@@ -4953,7 +5349,10 @@ def start_services(local, names, printer):
                     return 0
                 printer.say("starting %s" % name)
                 local.engine.start(local.containers[name])
-            outcome, status = follow(local, streams, printer, pipe.fd)
+            targets = [SyncTarget(name, local.containers[name], *watches[name])
+                       for name in names if name in watches]
+            syncer = Syncer(local.engine, printer, targets) if targets else None
+            outcome, status = follow(local, streams, printer, pipe.fd, syncer)
             if outcome == "stopped":
                 local.stop_all(grace=0)
             return status
@@ -5049,15 +5448,18 @@ def build_parser():
 
     start = verbs.add_parser(
         "start", help="run the app locally from convox.yml or docker-compose.yml",
-        usage="convox start [options] [SERVICE [COMMAND...]]",
-        description="Build and run the app's services locally; with SERVICE, only it and "
-        "what it links to; with COMMAND, run COMMAND in a new process of SERVICE.")
+        usage="convox start [options] [SERVICE...] | [SERVICE COMMAND...]",
+        description="Build and run the app's services locally, syncing edited files into "
+        "them; with SERVICE..., only those and what they depend on; with SERVICE COMMAND, "
+        "run COMMAND in a new process of SERVICE.")
     _common_options(start, suppress=True)
     _session_options(start)
     start.add_argument("-m", "--manifest", metavar="FILE",
                        help="manifest (default: convox.yml, else docker-compose.yml)")
     start.add_argument("--no-build", action="store_true", help="use the last build")
     start.add_argument("--no-cache", action="store_true", help="build without cache")
+    start.add_argument("--no-sync", action="store_true",
+                       help="do not copy changed files into the running services")
     start.add_argument("--profile", action="append", metavar="P",
                        help="also start compose services of this profile (repeatable; "
                        "default: COMPOSE_PROFILES)")

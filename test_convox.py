@@ -2338,6 +2338,80 @@ class DockerignoreTest(unittest.TestCase):
 
 # ---------------------------------------------------------------- build context tar
 
+class DockerfileCopiesTest(unittest.TestCase):
+    """Where start's sync puts a context file: the final stage's COPY/ADD, as the builder."""
+
+    DOCKERFILE = """\
+# syntax=docker/dockerfile:1
+FROM golang AS builder
+COPY . /src
+FROM busybox
+ARG APP=/srv
+ENV CONF=etc
+WORKDIR $APP
+COPY package.json yarn.lock ./
+COPY --chown=app:app --chmod=640 src/ code/
+WORKDIR sub
+COPY ["a b.txt", "single"]
+COPY --from=builder /src/bin /bin/x
+ADD vendor.tar.gz https://example.com/x /opt/
+ADD static/*.css ${CONF}/css/
+COPY \\
+  . /all
+"""
+
+    def test_final_stage(self):
+        copies = convox.dockerfile_copies(self.DOCKERFILE)
+        self.assertEqual([(c.sources, c.dest) for c in copies], [
+            (["package.json", "yarn.lock"], "/srv/"), (["src"], "/srv/code/"),
+            (["a b.txt"], "/srv/sub/single"), (["static/*.css"], "/srv/sub/etc/css/"),
+            (["."], "/all")])
+        self.assertEqual((copies[1].chown, copies[1].chmod), ("app:app", 0o640))
+        builder = convox.dockerfile_copies(self.DOCKERFILE, target="builder")
+        self.assertEqual([(c.sources, c.dest) for c in builder], [(["."], "/src")])
+        args = convox.dockerfile_copies(self.DOCKERFILE, args={"APP": "/app"})
+        self.assertEqual(args[0].dest, "/app/")
+
+    def test_destinations(self):
+        copies = convox.dockerfile_copies(self.DOCKERFILE)
+        table = [
+            ("package.json", ["/srv/package.json", "/all/package.json"]),
+            ("src/lib/x.js", ["/srv/code/lib/x.js", "/all/src/lib/x.js"]),
+            ("src", ["/all/src"]),
+            ("a b.txt", ["/srv/sub/single", "/all/a b.txt"]),
+            ("static/site.css", ["/srv/sub/etc/css/site.css", "/all/static/site.css"]),
+            ("static/deep/site.css", ["/all/static/deep/site.css"]),
+            ("vendor.tar.gz", ["/all/vendor.tar.gz"]),
+            ("srcs/x", ["/all/srcs/x"]),
+        ]
+        for rel, expected in table:
+            with self.subTest(rel=rel):
+                self.assertEqual([d for d, _ in convox.copy_destinations(
+                    copies, rel, is_dir=rel == "src")], expected)
+
+    def test_watch_sees_changes_and_honours_dockerignore(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        for name, text in (("a", "1"), ("dir/b", "2"), ("junk/c", "3"),
+                           (".dockerignore", "junk\n")):
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            with open(os.path.join(root, name), "w") as handle:
+                handle.write(text)
+        watch = convox.ContextWatch(root)
+        self.assertEqual(sorted(watch.snapshot), [".dockerignore", "a", "dir", "dir/b"])
+        self.assertEqual(watch.changes(), ({}, {}))
+        with open(os.path.join(root, "a"), "w") as handle:
+            handle.write("11")
+        os.remove(os.path.join(root, "dir/b"))
+        os.mkdir(os.path.join(root, "new"))
+        with open(os.path.join(root, "new/d"), "w") as handle:
+            handle.write("4")
+        with open(os.path.join(root, "junk/e"), "w") as handle:
+            handle.write("5")
+        self.assertEqual(watch.changes(), ({"a": False, "new": True, "new/d": False},
+                                           {"dir/b": False}))
+
+
 class _ChunkReader(object):
     """A file-like reader over a chunk iterator, for tarfile's streaming mode."""
 
@@ -3286,6 +3360,88 @@ class StartLoopTest(EngineTestCase):
         tags = [tag for image in self.engine.request("GET", "/images/json")
                 for tag in image.get("RepoTags") or [] if tag.startswith(app + "/web:")]
         self.assertEqual(sorted(tags), sorted("%s/web:%s" % (app, r) for r in releases[1:]))
+
+    SYNC_DOCKERFILE = """\
+FROM {image}
+WORKDIR /app
+COPY src/ ./code/
+COPY --chown=1000:1000 conf.txt settings/
+"""
+
+    def sync_app(self, suffix, *words):
+        """A started app whose web service copies src/ to /app/code and conf.txt."""
+        app = app_name(suffix)
+        folder = self.app_dir("convox.yml", "services:\n  web:\n    build: .\n"
+                              "    command: %s\n" % self.LOOP, {
+                                  "Dockerfile": self.SYNC_DOCKERFILE.format(image=self.image),
+                                  "conf.txt": "conf-1\n"})
+        os.mkdir(os.path.join(folder, "src"))
+        for name, text in (("a.txt", "one\n"), ("c.txt", "gone soon\n")):
+            self.write(folder, "src/" + name, text)
+        proc = self.start(app, folder, *words)
+        container = self.processes_of(app)[0]["Id"]
+        return proc, folder, container
+
+    def write(self, folder, rel, text):
+        path = os.path.join(folder, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+
+    def inside(self, container, *command):
+        """(status, stdout) of a command in the container, through the Docker CLI."""
+        result = self.docker("exec", container, *command)
+        return result.returncode, result.stdout.decode()
+
+    def sync_lines(self, proc):
+        return [line.decode() for line in proc.lines if b"convox | sync " in line]
+
+    def test_sync_edit_add_delete(self):
+        proc, folder, container = self.sync_app("sync")
+        time.sleep(1.2)  # the build's files are where the Dockerfile put them, unsynced
+        self.assertEqual(self.inside(container, "cat", "/app/code/a.txt"), (0, "one\n"))
+        self.assertEqual(self.sync_lines(proc), [])
+        began = time.monotonic()
+        self.write(folder, "src/a.txt", "two\n")
+        self.write(folder, "src/new/b.txt", "bee\n")
+        os.remove(os.path.join(folder, "src/c.txt"))
+        self.write(folder, "conf.txt", "conf-2\n")
+        for _ in deadline_loop(3, 0.05):
+            if (self.sync_lines(proc) and
+                    self.inside(container, "cat", "/app/code/a.txt")[1] == "two\n"):
+                break
+        self.assertLess(time.monotonic() - began, 3.0)
+        self.assertEqual(self.sync_lines(proc), ["convox | sync web: 4 files\n"])
+        self.assertEqual(self.inside(container, "cat", "/app/code/new/b.txt"), (0, "bee\n"))
+        self.assertEqual(self.inside(container, "ls", "/app/code"), (0, "a.txt\nnew\n"))
+        self.assertEqual(self.inside(container, "stat", "-c", "%u:%g %n",
+                                     "/app/settings/conf.txt"),
+                         (0, "1000:1000 /app/settings/conf.txt\n"))
+        self.assertEqual(self.inside(container, "cat", "/app/settings/conf.txt"),
+                         (0, "conf-2\n"))
+        self.stop(proc)
+
+    def test_no_sync(self):
+        proc, folder, container = self.sync_app("nosync", "--no-sync")
+        self.write(folder, "src/a.txt", "two\n")
+        time.sleep(4)
+        self.assertEqual(self.inside(container, "cat", "/app/code/a.txt"), (0, "one\n"))
+        self.stop(proc)
+        self.assertEqual(self.sync_lines(proc), [])
+
+    def test_burst_of_500_files_in_one_sync(self):
+        proc, folder, container = self.sync_app("burst")
+        time.sleep(1.2)
+        for index in range(500):
+            self.write(folder, "src/burst/f%03d" % index, "%d\n" % index)
+        for _ in deadline_loop(5, 0.1):
+            if self.sync_lines(proc):
+                break
+        time.sleep(1.5)  # a second line would come within this
+        self.assertEqual(self.sync_lines(proc), ["convox | sync web: 500 files\n"])
+        status, out = self.inside(container, "sh", "-c", "cat /app/code/burst/*")
+        self.assertEqual(out, "".join("%d\n" % index for index in range(500)))
+        self.stop(proc)
 
     def test_interrupted_build_leaves_no_container(self):
         app = app_name("buildint")
