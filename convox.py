@@ -4781,6 +4781,11 @@ def _max_fd():
 MANIFEST_NAMES = ("convox.yml", "convox.yaml", "docker-compose.yml", "docker-compose.yaml",
                   "compose.yml", "compose.yaml")
 
+#: The longest line `start` holds back waiting for its end; a longer one is printed in
+#: pieces of this size, each as a line of its own, so that output with no newline in it
+#: takes neither memory nor time beyond its size.
+LINE_MAX = 64 * 1024
+
 #: ANSI colours of the service prefixes, in turn.
 PREFIX_COLOURS = (36, 33, 32, 35, 34, 31, 96, 93, 92, 95, 94, 91)
 
@@ -4809,7 +4814,8 @@ def new_release():
 
 class LogPrinter:
     """Writes ``SERVICE | line`` output: prefixes padded to the longest name, one colour per
-    service on a terminal, whole lines only (partial lines wait for their end)."""
+    service on a terminal, whole lines only (partial lines wait for their end, up to
+    LINE_MAX bytes)."""
 
     def __init__(self, names, fd=1, colour=False):
         self.width = max([len(name) for name in names] + [len("convox"), len("build")])
@@ -4828,12 +4834,21 @@ class LogPrinter:
     def write(self, name, data, key=None):
         """Print the whole lines of ``data`` (bytes) under ``name``; keep the rest."""
         key = key or name
-        data = self.partial.pop(key, b"") + data
+        data = self.partial.pop(key, b"") + data  # what is kept is short: linear in all
         lines = data.split(b"\n")
-        if lines[-1]:
-            self.partial[key] = lines[-1]
+        rest, start = lines.pop(), 0
+        while len(rest) - start > LINE_MAX:
+            cut = start + LINE_MAX
+            for back in range(4):  # not inside a UTF-8 character, if it is UTF-8
+                if rest[cut - back] & 0xC0 != 0x80:
+                    cut -= back
+                    break
+            lines.append(rest[start:cut])
+            start = cut
+        if start < len(rest):
+            self.partial[key] = rest[start:]
         prefix = self.prefix(name).encode("utf-8")
-        out = b"".join(prefix + line.rstrip(b"\r") + b"\n" for line in lines[:-1])
+        out = b"".join(prefix + line.rstrip(b"\r") + b"\n" for line in lines)
         if out:
             _write_all(self.fd, out)
 

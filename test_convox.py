@@ -1036,6 +1036,52 @@ class DetachKeysTest(unittest.TestCase):
             self.assertEqual(self.feed_all(three, [data[:cut], data[cut:]]), (b"xxaby", True))
 
 
+class LogPrinterTest(unittest.TestCase):
+    """start's SERVICE | line printer: whole lines, and a line with no end in sight is
+    printed in LINE_MAX pieces instead of held (in time and memory linear in its size)."""
+
+    def printed(self, *writes):
+        with tempfile.TemporaryFile() as handle:
+            printer = convox.LogPrinter(["web"], handle.fileno())
+            for data in writes:
+                printer.write("web", data, ("web", 1))
+            printer.flush("web", ("web", 1))
+            handle.seek(0)
+            return handle.read().split(b"\n")[:-1]
+
+    def test_whole_lines_and_pieces(self):
+        line = bytes(random.Random(8).choice(b"abc") for _ in range(3 * convox.LINE_MAX + 5))
+        chunks = [line[k:k + 1000] for k in range(0, len(line), 1000)]
+        lines = self.printed(b"first\r\nsec", b"ond\n", *(chunks + [b"\nlast"]))
+        self.assertEqual(lines[:2], [b"web    | first", b"web    | second"])
+        pieces = [l[len(b"web    | "):] for l in lines[2:-1]]
+        self.assertEqual([len(p) for p in pieces], [convox.LINE_MAX] * 3 + [5])
+        self.assertEqual(b"".join(pieces), line)
+        self.assertEqual(lines[-1], b"web    | last")
+
+    def test_pieces_end_between_characters(self):
+        line = ("x" + "é€😀" * 40000).encode("utf-8")
+        lines = self.printed(*[line[k:k + 777] for k in range(0, len(line), 777)])
+        self.assertGreater(len(lines), 3)
+        text = "".join(l.decode("utf-8")[len("web    | "):] for l in lines)  # each decodes
+        self.assertEqual(text.encode("utf-8"), line)
+
+    def test_long_line_in_linear_time(self):
+        """64 MiB without a newline: under 3 s (a quadratic buffer took 13 s for 40 MB and
+        never finished 100 MB)."""
+        script = ("import os, sys, time; sys.path.insert(0, %r); import convox\n"
+                  "p = convox.LogPrinter(['web'], os.open(os.devnull, os.O_WRONLY))\n"
+                  "t = time.monotonic(); chunk = b'x' * 65536\n"
+                  "for _ in range(1024): p.write('web', chunk, ('web', 1))\n"
+                  "p.flush('web', ('web', 1)); print(time.monotonic() - t)\n" % HERE)
+        try:
+            result = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                    timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail("64 MiB without a newline took over 20 s")
+        self.assertLess(float(result.stdout), 3.0)
+
+
 # ==========================================================================================
 # Pure functions: the manifest (YAML subset, .env, interpolation, models, build context)
 # ==========================================================================================
