@@ -3677,61 +3677,184 @@ def _go_clean(path):
     return cleaned or '.'
 
 
-def _dockerignore_regex(pattern):
-    """Translate a cleaned pattern like moby's patternmatcher; return (kind, regex text)."""
-    regex, kind, k, first = '^', 'exact', 0, True
+# Tokens of a pattern besides single characters and classes: "*", "?", a "**" with more
+# after it (any folders, even none: RE2's "(.*/)?") and a final "**" (anything: ".*").
+_STAR, _ONE, _FOLDERS, _REST = range(4)
+
+
+def _class_char(pattern, k):
+    """One character of a class at pattern[k:] -> (character, index after it)."""
+    ch = pattern[k:k + 1]
+    if ch == '\\':
+        k += 1
+        ch = pattern[k:k + 1]
+    elif ch in '-]':
+        ch = ''  # Go's filepath.Match wants these escaped where a character is due
+    if not ch:
+        raise ValueError('unclosed class or misplaced "-" or "]"')
+    return ch, k + 1
+
+
+def _class(pattern, k):
+    """The class after a '[' at pattern[k:] -> ((negated, ranges), index after ']')."""
+    negated = pattern[k:k + 1] == '^'
+    k += negated
+    ranges = []
+    while not (pattern[k:k + 1] == ']' and ranges):  # "[]" is no empty class: refused
+        low, k = _class_char(pattern, k)
+        high = low
+        if pattern[k:k + 1] == '-':
+            high, k = _class_char(pattern, k + 1)
+        if low > high:
+            raise ValueError('a range that runs backwards')  # refused by RE2 (Docker)
+        ranges.append((low, high))
+    return (negated, tuple(ranges)), k + 1
+
+
+def _dockerignore_tokens(pattern):
+    """Read a cleaned pattern as moby's patternmatcher does -> (kind, tokens).
+
+    ``kind`` is exact, prefix ("dir/**"), suffix ("**/name") or glob; tokens are
+    characters, (negated, ranges) classes and the wildcards above.  Raises ValueError for
+    what Docker refuses (Go's filepath.Match syntax, then RE2's): a lone trailing '\\',
+    an unclosed or empty class, '-' or ']' unescaped where a class wants a character."""
+    tokens, kind, k = [], 'exact', 0
     while k < len(pattern):
-        ch = pattern[k]
+        ch, first = pattern[k], k == 0
         k += 1
         if ch == '*' and pattern[k:k + 1] == '*':
             k += 1
             if pattern[k:k + 1] == '/':
                 k += 1  # "**/" is treated as "**"
-            if k >= len(pattern):
-                if kind == 'exact':
-                    kind = 'prefix'
-                else:
-                    regex, kind = regex + '.*', 'regexp'
-            else:
-                regex, kind = regex + '(.*/)?', 'regexp'  # any number of segments, even none
-            if first:
-                kind = 'suffix'
-        elif ch == '*':
-            regex, kind = regex + '[^/]*', 'regexp'
-        elif ch == '?':
-            regex, kind = regex + '[^/]', 'regexp'
-        elif ch in '.+()|{}$':
-            regex += '\\' + ch
-        elif ch == '\\':
             if k < len(pattern):
-                regex, kind = regex + '\\' + pattern[k], 'regexp'
-                k += 1
+                tokens.append(_FOLDERS)
+                kind = 'glob'
+            elif kind == 'exact':
+                kind = 'prefix'
             else:
-                regex += '\\'
-        elif ch in '[]':
-            regex, kind = regex + ch, 'regexp'
+                tokens.append(_REST)
+                kind = 'glob'
+            if first:
+                kind = 'suffix'  # moby: a leading "**" makes a suffix match, for now
+            continue
+        if ch in '*?':
+            tokens.append(_STAR if ch == '*' else _ONE)
+        elif ch == '\\':
+            if k >= len(pattern):
+                raise ValueError('a lone "\\" at the end')
+            tokens.append(pattern[k])
+            k += 1
+        elif ch == '[':
+            token, k = _class(pattern, k)
+            tokens.append(token)
         else:
-            regex += ch
-        first = False
-    return kind, regex
+            tokens.append(ch)
+            continue
+        kind = 'glob'
+    return kind, tokens
+
+
+class _Glob(object):
+    """A glob pattern as an automaton that reads a path once, a character at a time.
+
+    Docker compiles patterns to RE2 expressions, which match in linear time; Python's re
+    backtracks, and "x/**/**/**/**/**/**/**/**/**/**/**/**/y" against a path 25 folders deep
+    took minutes.  The NFA (state i: before token i; -i-1: inside the "(.*/)?" of token i)
+    becomes a DFA lazily, as in RE2: each path costs a dictionary lookup per character."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+        self.reset()
+
+    def reset(self):
+        self.sets, self.ids, self.accepting, self.moves = [], {}, [], {}
+        self.dead = self._state(frozenset())
+        self.start = self._state(self._closure({0}))
+
+    def _state(self, nfa_states):
+        if nfa_states not in self.ids:
+            self.ids[nfa_states] = len(self.sets)
+            self.sets.append(nfa_states)
+            self.accepting.append(len(self.tokens) in nfa_states)
+        return self.ids[nfa_states]
+
+    def _closure(self, nfa_states):
+        """Add the states reachable without reading: past "*", "**/" and a final "**"."""
+        out, n = set(), len(self.tokens)
+        for state in nfa_states:
+            while 0 <= state < n and self.tokens[state] in (_STAR, _FOLDERS, _REST):
+                out.add(state)
+                state += 1
+            out.add(state)
+        return frozenset(out)
+
+    def _step(self, state, ch):
+        """The DFA state after reading ``ch`` in ``state``."""
+        n, after = len(self.tokens), set()
+        for nfa in self.sets[state]:
+            index = -nfa - 1 if nfa < 0 else nfa
+            token = self.tokens[index] if index < n else None
+            if token == _FOLDERS:  # "(.*/)?": any character goes inside, a "/" may leave
+                if ch != '\n':
+                    after.add(-index - 1)
+                if ch == '/':
+                    after.add(index + 1)
+            elif token in (_STAR, _REST):
+                if ch != ('/' if token == _STAR else '\n'):
+                    after.add(nfa)
+            elif token == _ONE:
+                if ch != '/':
+                    after.add(nfa + 1)
+            elif isinstance(token, tuple):
+                negated, ranges = token
+                if negated != any(low <= ch <= high for low, high in ranges):
+                    after.add(nfa + 1)
+            elif token == ch:
+                after.add(nfa + 1)
+        if len(self.sets) > 4096:
+            self.reset()  # a bound on memory, as RE2 has; the work is redone as needed
+            state = self.start
+        nxt = self._state(self._closure(after))
+        self.moves[state, ch] = nxt
+        return nxt
+
+    def __call__(self, path):
+        """True when the pattern matches path or one of the folders above it."""
+        state, moves, accepting, dead = self.start, self.moves, self.accepting, self.dead
+        for ch in path:
+            if ch == '/' and accepting[state]:
+                return True
+            nxt = moves.get((state, ch))
+            state = self._step(state, ch) if nxt is None else nxt
+            if state == dead:
+                return False
+        return accepting[state]
 
 
 def _dockerignore_pattern(pattern):
-    """Compile one cleaned pattern into a path -> bool function."""
-    kind, regex = _dockerignore_regex(pattern)
+    """Compile one cleaned pattern into match(path) -> bool, true when the pattern matches
+    the path or a folder above it (Docker's MatchesOrParentMatches)."""
+    try:
+        kind, tokens = _dockerignore_tokens(pattern)
+    except ValueError as exc:
+        raise ManifestError('.dockerignore: bad pattern %r (%s), which Docker refuses too — '
+                            'write \\[, \\], \\- or \\\\ for the character itself' % (pattern, exc))
     if kind == 'exact':
-        return lambda path: path == pattern
+        return lambda path: path == pattern or path.startswith(pattern + '/')
     if kind == 'prefix':
         prefix = pattern[:-2]
         return lambda path: path.startswith(prefix)
-    if kind == 'suffix':
-        suffix = pattern[2:]
-        return lambda path: path.endswith(suffix) or (suffix[:1] == '/' and path == suffix[1:])
-    try:
-        compiled = re.compile(regex + r'\Z')
-    except re.error:
-        raise ManifestError('.dockerignore: bad pattern %r' % pattern)
-    return lambda path: compiled.match(path) is not None
+    if kind == 'glob':
+        return _Glob(tokens)
+    suffix = pattern[2:]
+
+    def match_suffix(path):
+        while path:
+            if path.endswith(suffix) or (suffix[:1] == '/' and path == suffix[1:]):
+                return True
+            path = path.rpartition('/')[0]
+        return False
+    return match_suffix
 
 
 def _dockerignore_lines(lines):
@@ -3766,15 +3889,11 @@ def dockerignore_matcher(lines):
         path = _go_clean(relpath.replace(os.sep, '/'))
         if path == '.':
             return False
-        parent = path.rpartition('/')[0]
-        parent_dirs = parent.split('/') if parent else []
         matched = False
         for exclusion, _, match in patterns:
             if exclusion != matched:
                 continue  # only an exception can undo a match, only a pattern can make one
-            hit = match(path) or any(match('/'.join(parent_dirs[:k + 1]))
-                                     for k in range(len(parent_dirs)))
-            if hit:
+            if match(path):
                 matched = not exclusion
         return matched
 
