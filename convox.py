@@ -140,6 +140,15 @@ CONTROL_TIMEOUT = 60.0
 #: Bytes read from a socket or a local fd at once.
 CHUNK = 64 * 1024
 
+_SSL = sys.modules.get("ssl")  # imported by http.client, where Python has ssl
+#: What a non-blocking stream raises when it has nothing now: over TLS, also half a record.
+WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
+    (_SSL.SSLWantReadError, _SSL.SSLWantWriteError) if _SSL else ())
+#: What reading a stream raises when it has simply ended: a reset, and over TLS the
+#: engine's close_notify after ours (see _close_notify).
+STREAM_ENDED = (ConnectionResetError, ConnectionAbortedError) + (
+    (_SSL.SSLZeroReturnError,) if _SSL else ())
+
 #: Docker's default detach sequence: ctrl-p, ctrl-q.
 DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
 
@@ -239,13 +248,14 @@ class Rack:
     path, a ``(host, port)`` pair or, for ssh, ``(user, host, port, remote socket)``;
     ``url`` is what the user wrote, for messages."""
 
-    def __init__(self, kind, address, url, cert_path=None, ssh_command=None):
+    def __init__(self, kind, address, url, cert_path=None, ssh_command=None, verify=True):
         self.kind = kind
         self.address = address
         self.url = url
         self.cert_path = cert_path
         self.ssh_command = ssh_command  # CONVOX_SSH_COMMAND, for ssh racks
         self._tunnel = None
+        self.verify = verify  # TLS: check the engine's certificate against ca.pem
 
     def __repr__(self):
         return "Rack(%r, %r)" % (self.kind, self.address)
@@ -271,13 +281,24 @@ class Rack:
                                            context=self.tls_context())
 
     def tls_context(self):
-        """Client TLS as the Docker CLI does it: ca.pem, cert.pem, key.pem in DOCKER_CERT_PATH."""
-        import ssl  # only TLS racks pay for it
-        folder = self.cert_path or os.path.expanduser("~/.docker")
+        """Client TLS as the Docker CLI does it, from DOCKER_CERT_PATH: the engine checked
+        against ca.pem (unless ``verify`` is off), cert.pem and key.pem shown when there."""
+        import ssl
+        folder = os.path.expanduser(self.cert_path or "~/.docker")
+        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
         try:
-            context = ssl.create_default_context(cafile=os.path.join(folder, "ca.pem"))
-            context.load_cert_chain(os.path.join(folder, "cert.pem"),
-                                    os.path.join(folder, "key.pem"))
+            if self.verify:
+                context = ssl.create_default_context(cafile=os.path.join(folder, "ca.pem"))
+                # Python 3.13 checks strictly by default (RFC 5280: a CA's key usage, key
+                # identifiers), which certificates made as Docker's documentation shows fail;
+                # the Docker CLI (Go's verifier) takes them.
+                context.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+            else:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if os.path.exists(cert) or os.path.exists(key):
+                context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise EngineUnavailable(
                 "cannot load the TLS certificates in %s (%s) — set DOCKER_CERT_PATH to the "
@@ -540,7 +561,10 @@ def parse_rack(url, environ=None):
         host, _, port = rest.rstrip("/").rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        tls = scheme == "https" or environ.get("DOCKER_TLS_VERIFY", "") not in ("", "0")
+        # Docker's rule (docker/cli, cli/flags): DOCKER_TLS_VERIFY set to anything, "0" and
+        # "false" too, means TLS that verifies the engine; DOCKER_TLS alone, TLS that doesn't.
+        verify = environ.get("DOCKER_TLS_VERIFY", "") != ""
+        tls = scheme == "https" or verify or environ.get("DOCKER_TLS", "") != ""
         if not _:
             host, port = port, "2376" if tls else "2375"
         # ASCII digits only ("²".isdigit() is true, int("²") fails); a host without
@@ -549,7 +573,8 @@ def parse_rack(url, environ=None):
                 not re.match(r"[0-9]{1,5}\Z", port) or not 0 < int(port) < 65536:
             raise malformed
         return Rack("tls" if tls else "tcp", (host, int(port)), url,
-                    cert_path=environ.get("DOCKER_CERT_PATH"))
+                    cert_path=environ.get("DOCKER_CERT_PATH") or environ.get("DOCKER_CONFIG"),
+                    verify=verify or not environ.get("DOCKER_TLS"))
     if scheme == "ssh":
         return _ssh_rack(url, environ)
     raise malformed
@@ -1342,17 +1367,45 @@ def _write_all(fd, data):
 
 
 def _half_close(sock):
-    """Tell the engine there is no more input (Docker's CloseWrite).
-
-    Not on TLS: Python's SSLSocket.shutdown() drops the TLS layer for reading too, so the
-    rest of the output would arrive as ciphertext.  There the engine sees no end of input.
-    """
-    if hasattr(sock, "unwrap"):  # an ssl.SSLSocket
-        return
+    """Tell the engine there is no more input: Docker's CloseWrite; over TLS, close_notify."""
     try:
-        sock.shutdown(socket.SHUT_WR)
+        if hasattr(sock, "unwrap"):  # an ssl.SSLSocket
+            _close_notify(sock)
+        else:
+            sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
+
+
+def _close_notify(sock):
+    """TLS's half-close: send close_notify, and go on reading (as Go's engine does).
+
+    ``SSLSocket.shutdown()`` would drop TLS for reading too.  ``unwrap()`` sends the alert,
+    then reads for the engine's own, and output still in flight fails that read and the
+    connection (APPLICATION_DATA_AFTER_CLOSE_NOTIFY).  So unwrap() runs with the socket's
+    fd number pointing at one end of a socketpair, where the read finds nothing, and the
+    alert written there is passed on to the engine.  (OpenSSL 3.0 reads on after sending
+    close_notify; the engine's own close_notify then raises SSLZeroReturnError.)
+    """
+    import ssl
+    fd = sock.fileno()
+    engine_end = os.dup(fd)
+    near, far = socket.socketpair()
+    try:
+        near.setblocking(False)
+        os.dup2(near.fileno(), fd, inheritable=False)
+        try:
+            sock.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # the read that found nothing
+        finally:
+            os.dup2(engine_end, fd, inheritable=False)
+        far.setblocking(False)
+        _write_all(fd, far.recv(CHUNK))
+    finally:
+        os.close(engine_end)
+        near.close()
+        far.close()
 
 
 def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None,
@@ -1399,7 +1452,7 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
         nonlocal to_engine
         try:
             sent = sock.send(to_engine)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return True
         except OSError:
             to_engine = memoryview(b"")  # the process is gone; output may remain
@@ -1470,9 +1523,9 @@ def pump(stream, *, tty, stdin_fd=None, stdout_fd=1, stderr_fd=2, signal_fd=None
             if sock in ready:
                 try:
                     count = sock.recv_into(inbox)
-                except (BlockingIOError, InterruptedError):
+                except WOULD_BLOCK:
                     continue
-                except (ConnectionResetError, ConnectionAbortedError):
+                except STREAM_ENDED:
                     count = 0
                 except OSError as exc:
                     raise StreamError("the stream from the engine broke (%s)" %

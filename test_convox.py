@@ -786,6 +786,20 @@ class RackTest(unittest.TestCase):
                                                   "DOCKER_CERT_PATH": "/certs"})
         self.assertEqual((rack.kind, rack.cert_path), ("tls", "/certs"))
 
+    def test_tls_rule_is_dockers(self):
+        """docker/cli: DOCKER_TLS_VERIFY set to anything means verified TLS; DOCKER_TLS
+        alone, TLS that does not verify the engine; neither, plain TCP."""
+        cases = [({"DOCKER_TLS_VERIFY": value}, ("tls", True, 2376))
+                 for value in ("1", "0", "false", "no")]
+        cases += [({"DOCKER_TLS": "1"}, ("tls", False, 2376)),
+                  ({"DOCKER_TLS": "1", "DOCKER_TLS_VERIFY": "0"}, ("tls", True, 2376)),
+                  ({"DOCKER_TLS_VERIFY": "", "DOCKER_TLS": ""}, ("tcp", True, 2375)),
+                  ({}, ("tcp", True, 2375))]
+        for environ, expected in cases:
+            with self.subTest(environ):
+                rack = convox.parse_rack("tcp://h", environ)
+                self.assertEqual((rack.kind, rack.verify, rack.address[1]), expected)
+
     def test_malformed(self):
         for url in ("::garbage", "tcp://", "tcp://h:notaport", "tcp://h:99999", "unix://rel",
                     "ftp://x", "garbage"):
@@ -3956,6 +3970,225 @@ class ExecPipeTest(ExecFixtures, EngineTestCase):
 # ==========================================================================================
 # Real terminals: exec with a TTY
 # ==========================================================================================
+
+class TLSEngine:
+    """A TLS endpoint for the real engine, made for the test: certificates from ``openssl``
+    (a CA, the engine's for 127.0.0.1, a client's, and a stranger CA), and a proxy that
+    requires the client's certificate and passes bytes to the engine's UNIX socket, each
+    direction's end included (close_notify <-> shutdown(SHUT_WR)), as dockerd's own TLS
+    listener does.  ``close()`` stops it and removes the folder."""
+
+    def __init__(self, engine_socket):
+        self.engine_socket = engine_socket
+        self.folder = tempfile.mkdtemp(prefix="convox-test-tls-")
+        try:
+            self._certificates()
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.path("server-cert.pem"), self.path("server-key.pem"))
+            context.load_verify_locations(self.path("ca.pem"))
+            context.verify_mode = ssl.CERT_REQUIRED
+            self.context = context
+            self.listener = socket.socket()
+            self.listener.bind(("127.0.0.1", 0))
+            self.listener.listen(16)
+            self.url = "tcp://127.0.0.1:%d" % self.listener.getsockname()[1]
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        self.stopping = threading.Event()
+        self.threads = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def _openssl(self, *args):
+        subprocess.run(["openssl"] + list(args), cwd=self.folder, check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def _certificates(self):
+        key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+        for ca in ("ca", "stranger-ca"):
+            self._openssl("req", "-x509", *key, "-keyout", ca + "-key.pem", "-out", ca + ".pem",
+                          "-days", "2", "-subj", "/CN=convox test " + ca)
+        for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"),
+                                ("client", "extendedKeyUsage=clientAuth\n")):
+            with open(self.path(name + ".ext"), "w") as handle:
+                handle.write(extension)
+            self._openssl("req", *key, "-keyout", name + "-key.pem", "-out", name + ".csr",
+                          "-subj", "/CN=" + name)
+            self._openssl("x509", "-req", "-in", name + ".csr", "-CA", "ca.pem", "-CAkey",
+                          "ca-key.pem", "-set_serial", str(len(name)), "-days", "2",
+                          "-extfile", name + ".ext", "-out", name + "-cert.pem")
+
+    def cert_path(self, ca="ca.pem"):
+        """A DOCKER_CERT_PATH folder: ``ca`` as ca.pem, the client's cert.pem and key.pem."""
+        folder = tempfile.mkdtemp(dir=self.folder)
+        shutil.copy(self.path(ca), os.path.join(folder, "ca.pem"))
+        shutil.copy(self.path("client-cert.pem"), os.path.join(folder, "cert.pem"))
+        shutil.copy(self.path("client-key.pem"), os.path.join(folder, "key.pem"))
+        return folder
+
+    def _serve(self):
+        self.listener.settimeout(0.1)
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._relay, args=(client,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _relay(self, client):
+        """One connection, in one thread (an SSL object is not for two at once)."""
+        import ssl
+        engine = socket.socket(socket.AF_UNIX)
+        try:
+            client.settimeout(10)
+            tls = self.context.wrap_socket(client, server_side=True)
+            engine.connect(self.engine_socket)
+        except (OSError, ssl.SSLError):
+            client.close()
+            engine.close()
+            return
+        tls.setblocking(False)
+        engine.setblocking(False)
+        to_engine, to_client = b"", b""
+        client_open = engine_open = True
+        try:
+            while not self.stopping.is_set() and (engine_open or to_client):
+                readable = [s for s, is_open, backlog in ((tls, client_open, to_engine),
+                                                           (engine, engine_open, to_client))
+                            if is_open and not backlog]
+                writable = ([engine] if to_engine else []) + ([tls] if to_client else [])
+                if tls in readable and tls.pending():
+                    ready = [tls]
+                else:
+                    ready, ready_w, _ = select.select(readable, writable, [], 0.1)
+                    for sock in ready_w:
+                        if sock is engine:
+                            to_engine = to_engine[engine.send(to_engine):]
+                            if not to_engine and not client_open:
+                                engine.shutdown(socket.SHUT_WR)
+                        else:
+                            with contextlib.suppress(ssl.SSLWantWriteError,
+                                                     ssl.SSLWantReadError):
+                                to_client = to_client[tls.send(to_client):]
+                if tls in ready:
+                    try:
+                        data = tls.recv(65536)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        data = None
+                    except (ssl.SSLZeroReturnError, ConnectionResetError):
+                        data = b""
+                    if data == b"":  # the client's close_notify: the engine's stdin ends
+                        client_open = False
+                        if not to_engine:
+                            engine.shutdown(socket.SHUT_WR)
+                    elif data:
+                        to_engine += data
+                if engine in ready:
+                    data = engine.recv(65536)
+                    if data:
+                        to_client += data
+                    else:
+                        engine_open = False
+            with contextlib.suppress(OSError):
+                tls.unwrap()  # close_notify, as Go's tls.Conn.Close sends it
+        except OSError:
+            pass
+        finally:
+            tls.close()
+            engine.close()
+
+    def close(self):
+        self.stopping.set()
+        self.listener.close()
+        self.thread.join(10)
+        for thread in self.threads:
+            thread.join(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class ExecTLSTest(ExecFixtures, EngineTestCase):
+    """The engine over TLS, as the Docker CLI reaches it: DOCKER_TLS_VERIFY (any value) and
+    DOCKER_TLS, and the end of piped stdin passed on as TLS's close_notify."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        if not shutil.which("openssl"):
+            message = "openssl is not installed — apt-get install -y openssl"
+            if REQUIRE_ENGINE:
+                raise RuntimeError(message)
+            raise unittest.SkipTest(message)
+        rack = convox.parse_rack(HARNESS.rack_url, {})
+        cls.tls = TLSEngine(rack.address)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tls.close()
+        super().tearDownClass()
+
+    def run_tls(self, args, input=b"", timeout=30, **env):
+        """convox over the TLS endpoint; a hang is a failure, not a stuck suite."""
+        environ = dict(HARNESS.env(CONVOX_RACK=self.tls.url, DOCKER_HOST=self.tls.url), **env)
+        for key in ("DOCKER_TLS_VERIFY", "DOCKER_TLS", "DOCKER_CERT_PATH"):
+            if key not in env:
+                environ.pop(key, None)
+        try:
+            return subprocess.run([sys.executable, CONVOX] + list(args), input=input,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ,
+                                  cwd=HERE, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail("convox %s over TLS did not end within %d s" % (" ".join(args), timeout))
+
+    def test_docker_tls_verify_of_any_value_means_verified_tls(self):
+        app = app_name("tlsverify")
+        ident = self.process(app, "web")
+        for value in ("1", "0", "false"):
+            with self.subTest(DOCKER_TLS_VERIFY=value):
+                result = self.run_tls(["-a", app, "ps"], DOCKER_TLS_VERIFY=value,
+                                      DOCKER_CERT_PATH=self.tls.cert_path())
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertIn(ident[:12].encode(), result.stdout)
+        # Verified means verified: an engine certificate from another CA is refused.
+        result = self.run_tls(["-a", app, "ps"], DOCKER_TLS_VERIFY="0",
+                              DOCKER_CERT_PATH=self.tls.cert_path("stranger-ca.pem"))
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, b"^ERROR: cannot reach the engine at tcp://.*CERTIFICATE_VERIFY_FAILED")
+
+    def test_docker_tls_means_tls_without_verifying_the_engine(self):
+        app = app_name("tlsnoverify")
+        ident = self.process(app, "web")
+        result = self.run_tls(["-a", app, "ps"], DOCKER_TLS="1",
+                              DOCKER_CERT_PATH=self.tls.cert_path("stranger-ca.pem"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(ident[:12].encode(), result.stdout)
+
+    def test_piped_stdin_ends_over_tls(self):
+        app = app_name("tlsstdin")
+        ident = self.process(app, "web")
+        certs = {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": self.tls.cert_path()}
+        result = self.run_tls(["-a", app, "exec", ident, "cat"], input=b"hi\n", **certs)
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, b"hi\n", b""))
+        # Output still in flight when stdin ends: 8 MiB through cat, every byte back.
+        data = os.urandom(8 * 1024 * 1024)
+        result = self.run_tls(["-a", app, "exec", ident, "cat"], input=data, timeout=60,
+                              **certs)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(hashlib.sha256(result.stdout).hexdigest(),
+                         hashlib.sha256(data).hexdigest())
+        result = self.run_tls(["-a", app, "run", "--no-tty", "web", "sh", "-c", "wc -c"],
+                              input=b"12345", **certs)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, b"5"), result.stderr)
+        self.assertNoneLeft(app)
+
 
 class ExecTerminalTest(ExecFixtures, TerminalTestCase):
     """``convox exec`` at a terminal (a pty of 100x30), as a person would use it."""
