@@ -2029,12 +2029,15 @@ _YAML_ESCAPES = {
 }
 _YAML_HEX_ESCAPES = {'x': 2, 'u': 4, 'U': 8}
 _PROPS_HELP = {
-    '&': 'anchors and aliases (&name, *name) are not supported — repeat the value instead',
-    '*': 'anchors and aliases (&name, *name) are not supported — repeat the value instead',
     '!': 'tags (!tag, !!str) are not supported — quote the value if it must be a string',
 }
-_MULTILINE_HELP = ('multi-line plain values are not supported — '
-                   'put the value on one line, quote it, or use | or >')
+_AFTER_COMMENT_HELP = ('a plain value cannot go on after a comment — '
+                       'remove the comment or quote the value')
+_ANCHOR_NAME = r'[^\s,\[\]{}]+'
+#: Aliases may repeat a subtree, so a small file can stand for a huge value ("billion
+#: laughs"); expansion past this many values is refused instead of taking the machine.
+YAML_ALIAS_LIMIT = 100000
+_MERGE = '<<'  # a plain "<<" key: YAML's merge key (compose files use it with aliases)
 
 
 def _resolve_plain(text):
@@ -2063,8 +2066,8 @@ def _resolve_plain(text):
 
 
 def _props_error(text):
-    """The message for a value starting with &, * or !."""
-    if text[0] in '&*' and not re.match(r'.[A-Za-z0-9_-]', text):
+    """The message for a value starting with & or * that names nothing, or with a tag."""
+    if text[0] in '&*':
         return 'a value starting with %r must be quoted' % text[0]  # e.g. a cron "*/5 * * * *"
     return _PROPS_HELP[text[0]]
 
@@ -2130,6 +2133,9 @@ class _YamlParser(object):
             self.raw.pop()  # the '' after the last newline is not a line
         self.virtual = {}  # line index -> (indent, text) for "- key: v" items re-read in place
         self.pos = 0
+        self.anchors = {}  # &name -> the value it was last given
+        self.sizes = {}    # id(value) -> (value, values it stands for): alias expansion bound
+        self.expanded = 0  # values aliases have repeated so far
 
     def error(self, lineno, message):
         """Build a ManifestError pointing at a 1-based line."""
@@ -2228,6 +2234,16 @@ class _YamlParser(object):
         """Parse one "- ..." entry; inline content is re-read as a virtual, deeper line."""
         rest = text[1:]
         body = rest.lstrip(' \t')
+        if body[:1] == '&':
+            anchor, rest = self.take_anchor(i + 1, body)
+            if _is_comment_rest(rest):
+                self.pos = i + 1
+                return self.define(anchor, self.block_node(n + 1, n))
+            if self.split_key(i, rest.lstrip(' \t')) is not None:
+                raise self.error(i + 1, 'an anchor before a key names the key — put "- &%s" '
+                                        'on its own line, the mapping below it' % anchor)
+            self.pos = i + 1
+            return self.define(anchor, self.inline_value(i, rest.lstrip(' \t'), n))
         if _is_comment_rest(rest):
             self.pos = i + 1
             return self.block_node(n + 1, n)
@@ -2239,6 +2255,7 @@ class _YamlParser(object):
     def mapping(self, n):
         """Parse a block mapping whose keys sit at column n."""
         result = {}
+        explicit = set()
         while True:
             i = self.peek()
             if i is None:
@@ -2255,15 +2272,76 @@ class _YamlParser(object):
                 hint = ' — put a space after the ":"' if ':' in text else ''
                 raise self.error(i + 1, 'expected "key: value"' + hint)
             key, rest = pair
-            if key in result:
+            if key in explicit:
                 raise self.error(i + 1, 'duplicate key %r' % (key,))
+            explicit.add(key)
             self.pos = i + 1
-            result[key] = self.mapping_value(i, rest, n)
+            value = self.mapping_value(i, rest, n)
+            if key is _MERGE:
+                self.merge(result, value, i + 1)
+            else:
+                result[key] = value
         return result
+
+    def merge(self, result, value, lineno):
+        """Apply a merge key: keys of the mapping(s) not given in this one; in a list, the
+        earlier mapping wins (yaml.org/type/merge.html, as compose's yaml.v3 does)."""
+        for source in value if isinstance(value, list) else [value]:
+            if not isinstance(source, dict):
+                raise self.error(lineno, 'a merge key (<<) takes a mapping or a list of '
+                                         'mappings, e.g. "<<: *defaults"')
+            self.count(len(source), lineno)
+            for key, item in source.items():
+                if key not in result:
+                    result[key] = item
+
+    def take_anchor(self, lineno, body):
+        """Split "&name rest" into (name, rest)."""
+        m = re.match('&(%s)' % _ANCHOR_NAME, body)
+        if not m:
+            raise self.error(lineno, _props_error(body))
+        rest = body[m.end():]
+        after = rest.lstrip(' \t')
+        if after[:1] in ('*', '&'):
+            raise self.error(lineno, 'an alias or a second anchor cannot follow &%s' % m.group(1))
+        return m.group(1), rest
+
+    def define(self, anchor, value):
+        """Remember value under &anchor (a later anchor of the same name replaces it)."""
+        self.anchors[anchor] = value
+        return value
+
+    def alias(self, lineno, name):
+        """The value of *name, counted against YAML_ALIAS_LIMIT."""
+        if name not in self.anchors:
+            raise self.error(lineno, 'unknown alias *%s — define &%s before using it' % (name, name))
+        value = self.anchors[name]
+        self.count(self.size(value), lineno)
+        return value
+
+    def count(self, size, lineno):
+        """Add values repeated by an alias or merge; refuse an alias bomb."""
+        self.expanded += size
+        if self.expanded > YAML_ALIAS_LIMIT:
+            raise self.error(lineno, 'aliases expand this file to more than %d values — '
+                                     'an alias bomb? write the values out instead' % YAML_ALIAS_LIMIT)
+
+    def size(self, value):
+        """How many values `value` stands for, each alias expanded (memoised: linear)."""
+        if not isinstance(value, (list, dict)):
+            return 1
+        known = self.sizes.get(id(value))
+        if known is None:
+            items = value.values() if isinstance(value, dict) else value
+            known = self.sizes[id(value)] = (value, 1 + sum(self.size(v) for v in items))
+        return known[1]
 
     def mapping_value(self, i, rest, n):
         """Parse what follows "key:" — on the same line or on the lines below."""
         body = rest.lstrip(' \t')
+        if body[:1] == '&':
+            anchor, rest = self.take_anchor(i + 1, body)
+            return self.define(anchor, self.mapping_value(i, rest, n))
         if not _is_comment_rest(rest):
             return self.inline_value(i, body, n)
         j = self.peek()
@@ -2279,6 +2357,10 @@ class _YamlParser(object):
     def split_key(self, i, text):
         """Return (key, rest) when line i is "key: ...", else None."""
         c = text[0]
+        if c in '&*':
+            if _find_key_colon(text) > 0:
+                raise self.error(i + 1, 'anchors and aliases on mapping keys are not supported')
+            return None
         if c in _PROPS_HELP:
             raise self.error(i + 1, _props_error(text))
         if c == '?' and (len(text) == 1 or text[1] in ' \t'):
@@ -2296,7 +2378,7 @@ class _YamlParser(object):
             return None
         key_text = text[:k].rstrip(' \t')
         if key_text == '<<':
-            raise self.error(i + 1, 'merge keys (<<) are not supported — repeat the keys instead')
+            return _MERGE, text[k + 1:]
         if not key_text:
             raise self.error(i + 1, 'missing key before ":"')
         return _resolve_plain(key_text), text[k + 1:]
@@ -2305,6 +2387,21 @@ class _YamlParser(object):
         """Parse a value that starts on line i (text has no leading space)."""
         c = text[0]
         lineno = i + 1
+        if c == '&':
+            anchor, rest = self.take_anchor(lineno, text)
+            if _is_comment_rest(rest):
+                self.pos = i + 1
+                return self.define(anchor, self.block_node(parent_indent + 1, parent_indent))
+            return self.define(anchor, self.inline_value(i, rest.lstrip(' \t'), parent_indent))
+        if c == '*':
+            m = re.match('\\*(%s)' % _ANCHOR_NAME, text)
+            if not m:
+                raise self.error(lineno, _props_error(text))
+            if not _is_comment_rest(text[m.end():]):
+                raise self.error(lineno, _props_error(text))  # a cron "*/5 * * * *"?
+            self.pos = i + 1
+            self.no_continuation(parent_indent)
+            return self.alias(lineno, m.group(1))
         if c in _PROPS_HELP:
             raise self.error(lineno, _props_error(text))
         if c in '|>':
@@ -2312,10 +2409,7 @@ class _YamlParser(object):
         if c in '[{':
             return self.flow(i, text)
         if c in '"\'':
-            value, end = self.scan_quoted(text, 0, lineno)
-            if not _is_comment_rest(text[end:]):
-                raise self.error(lineno, 'unexpected text after the closing quote')
-            return value
+            return self.quoted(i, text, parent_indent)
         if _is_dash(text):
             raise self.error(lineno, 'a list cannot start on the same line as its key — '
                                      'move "- ..." to the next line')
@@ -2323,12 +2417,42 @@ class _YamlParser(object):
             raise self.error(lineno, 'unexpected %r — quote the value' % c)
         if c in '@`%,]}':
             raise self.error(lineno, 'a plain value cannot start with %r — quote the value' % c)
-        value = self.plain(lineno, text)
+        value, commented = self.plain(lineno, text)
+        if not commented:
+            value += self.plain_continuation(parent_indent)
         self.no_continuation(parent_indent)
         return _resolve_plain(value)
 
+    def plain_continuation(self, parent_indent):
+        """The folded lines of a multi-line plain value below its first line (YAML 1.2 §7.3.3:
+        a line break is a space, each blank line a newline), up to a comment or a line that
+        is not deeper than the value's parent."""
+        out = []
+        blanks = 0
+        j = self.pos
+        while j < len(self.raw):
+            raw = self.raw[j]
+            body = raw.strip(' \t')
+            indent = len(raw) - len(raw.lstrip(' '))
+            if not body:
+                blanks += 1
+            elif indent <= parent_indent or body[0] == '#' or (indent == 0 and _is_doc_marker(raw)):
+                break
+            elif _is_dash(body) or _find_key_colon(body) >= 0 or body[0] in '[]{},':
+                break  # no_continuation() names the problem
+            else:
+                text, commented = self.plain(j + 1, body)
+                out.append('\n' * blanks if blanks else ' ')
+                out.append(text)
+                blanks = 0
+                self.pos = j + 1
+                if commented:
+                    break
+            j += 1
+        return ''.join(out)
+
     def no_continuation(self, parent_indent):
-        """Reject a deeper line after a one-line plain value (a continuation or a misindent)."""
+        """Reject a deeper line after a value that has ended (after a comment, a key line)."""
         j = self.peek()
         if j is None:
             return
@@ -2338,26 +2462,54 @@ class _YamlParser(object):
         if _is_dash(text) or _find_key_colon(text) > 0:
             raise self.error(j + 1, 'bad indentation (expected %d spaces, found %d)'
                              % (max(parent_indent, 0), indent))
-        raise self.error(j + 1, _MULTILINE_HELP)
+        raise self.error(j + 1, _AFTER_COMMENT_HELP)
 
     def plain(self, lineno, text):
-        """Return the plain scalar text of a value, without a trailing comment."""
+        """Return (plain scalar text of a line without a trailing comment, had a comment)."""
         for k, ch in enumerate(text):
             if ch == '#' and text[k - 1] in ' \t':
-                return text[:k].rstrip(' \t')
+                return text[:k].rstrip(' \t'), True
             if ch == ':' and (k + 1 == len(text) or text[k + 1] in ' \t'):
                 raise self.error(lineno, 'unexpected ":" in a value — quote values that contain ": "')
-        return text.rstrip(' \t')
+        return text.rstrip(' \t'), False
 
-    def scan_quoted(self, text, start, lineno):
-        """Scan a single- or double-quoted scalar at text[start]; return (value, end index)."""
+    def quoted(self, i, text, parent_indent):
+        """A quoted value starting on line i; it may go on over the lines below, deeper than
+        its parent (YAML 1.2 §7.3: line breaks fold as in plain values)."""
+        try:
+            value, end = self.scan_quoted(text, 0, i + 1, partial=True)
+            rest, last = text[end:], i
+        except _FlowTruncated:
+            lines = [text]
+            for raw in self.raw[i + 1:]:
+                body = raw.lstrip(' \t')
+                if body and (len(raw) - len(raw.lstrip(' ')) <= parent_indent or
+                             (raw == body and _is_doc_marker(raw))):
+                    break
+                lines.append(raw)
+            joined = '\n'.join(lines)
+            value, end = self.scan_quoted(joined, 0, i + 1)
+            last = i + joined.count('\n', 0, end)
+            rest = joined[end:].split('\n', 1)[0]
+        if not _is_comment_rest(rest):
+            raise self.error(last + 1, 'unexpected text after the closing quote')
+        self.pos = last + 1
+        return value
+
+    def scan_quoted(self, text, start, lineno, partial=False):
+        """Scan a single- or double-quoted scalar at text[start]; return (value, end index).
+        Line breaks inside fold (a break is a space, blank lines are newlines); with
+        `partial`, running out of text raises _FlowTruncated so that the caller adds lines."""
         quote = text[start]
         out = []
         k = start + 1
         while k < len(text):
             ch = text[k]
             if ch == '\n':
-                break
+                while out and out[-1] in (' ', '\t'):
+                    out.pop()  # trailing white space before a break is not content
+                k = self.fold_break(text, k, out)
+                continue
             if ch == quote:
                 if quote == "'" and text[k + 1:k + 2] == "'":
                     out.append("'")
@@ -2365,12 +2517,32 @@ class _YamlParser(object):
                     continue
                 return ''.join(out), k + 1
             if ch == '\\' and quote == '"':
+                if k + 1 == len(text) and partial:
+                    raise _FlowTruncated()
+                if text[k + 1:k + 2] == '\n':  # an escaped line break joins the lines
+                    k = self.fold_break(text, k + 1, [])
+                    continue
                 piece, k = self.escape(text, k, lineno)
                 out.append(piece)
                 continue
             out.append(ch)
             k += 1
-        raise self.error(lineno, 'unterminated quoted string — close the quote on the same line')
+        if partial:
+            raise _FlowTruncated()
+        raise self.error(lineno, 'unterminated quoted string — add the closing %s' % quote)
+
+    @staticmethod
+    def fold_break(text, k, out):
+        """Fold the line break at text[k] and the blank lines after it into `out`; return
+        the index of the next line's first non-blank character."""
+        breaks = 0
+        while k < len(text) and text[k] == '\n':
+            breaks += 1
+            k += 1
+            while k < len(text) and text[k] in ' \t':
+                k += 1
+        out.append('\n' * (breaks - 1) if breaks > 1 else ' ')
+        return k
 
     def escape(self, text, k, lineno):
         """Decode the double-quoted escape at text[k]; return (chars, next index)."""
@@ -2381,8 +2553,8 @@ class _YamlParser(object):
             digits = text[k + 2:k + 2 + _YAML_HEX_ESCAPES[code]]
             if len(digits) == _YAML_HEX_ESCAPES[code] and re.match(r'[0-9a-fA-F]+\Z', digits):
                 return chr(int(digits, 16)), k + 2 + len(digits)
-        if code in ('', '\n'):
-            raise self.error(lineno, 'unterminated quoted string — close the quote on the same line')
+        if code == '':
+            raise self.error(lineno, 'unterminated quoted string — add the closing "')
         raise self.error(lineno, 'invalid escape "\\%s" in a double-quoted string' % code)
 
     def block_header(self, lineno, text):
@@ -2406,16 +2578,23 @@ class _YamlParser(object):
         indent = max(parent_indent + explicit, 0) if explicit else None
         j = i + 1
         lines = []
+        leading = 0  # the most spaces on a blank line before the first content line
         while j < len(self.raw):
             raw = self.raw[j]
-            if raw.strip(' \t') == '':
+            ind = len(raw) - len(raw.lstrip(' '))
+            if ind == len(raw):  # spaces only: a blank line
+                leading = max(leading, ind) if indent is None else leading
                 lines.append(raw)
                 j += 1
                 continue
-            ind = len(raw) - len(raw.lstrip(' '))
+            if raw.strip(' \t') == '' and ind < (indent or parent_indent + 1):
+                raise self.error(j + 1, 'a tab cannot indent a line of a block scalar — use spaces')
             if indent is None:
                 if ind <= parent_indent:
                     break
+                if leading > ind:  # YAML 1.2 §8.1.1.1
+                    raise self.error(j + 1, 'a blank line above has more spaces than this first '
+                                            'line of the block scalar — remove them')
                 indent = ind
             if ind < indent or (ind == 0 and _is_doc_marker(raw)):
                 break
@@ -2444,11 +2623,13 @@ class _YamlParser(object):
 
     def flow(self, i, text):
         """Parse a [ ] or { } collection that starts on line i and may span lines."""
+        expanded = self.expanded
         try:
             joined = text
             parser = _FlowParser(self, joined, i, partial=True)
             value = parser.node()
         except _FlowTruncated:  # not closed on this line: parse again with the lines below
+            self.expanded = expanded
             joined = '\n'.join([text] + self.raw[i + 1:])
             parser = _FlowParser(self, joined, i)
             value = parser.node()
@@ -2508,13 +2689,23 @@ class _FlowParser(object):
         if ch == '{':
             return self.mapping()
         if ch in '"\'':
-            value, self.p = self.owner.scan_quoted(self.s, self.p, self._lineno())
+            value, self.p = self.owner.scan_quoted(self.s, self.p, self._lineno(), self.partial)
             return value
+        if ch in '&*':
+            m = re.compile('[&*](%s)' % _ANCHOR_NAME).match(self.s, self.p)
+            if not m:
+                raise self.error(_props_error(self.s[self.p:]))
+            self.p = m.end()
+            if ch == '*':
+                return self.owner.alias(self._lineno(), m.group(1))
+            self.skip_space()
+            empty = self.s[self.p:self.p + 1] in (',', ']', '}', '')
+            return self.owner.define(m.group(1), None if empty else self.node())
         if ch in _PROPS_HELP:
             raise self.error(_props_error(self.s[self.p:]))
         if ch in '|>':
             raise self.error('block scalars (| or >) cannot be used inside [ ] or { }')
-        if ch in ',]}:':
+        if ch in ',]}:#' or (ch in '-?' and self.s[self.p + 1:self.p + 2] in ' \t\n,[]{}'):
             raise self.error('expected a value before %r' % ch)
         return _resolve_plain(self.plain())
 
@@ -2523,18 +2714,36 @@ class _FlowParser(object):
         return self.first + 1 + self.s.count('\n', 0, self.p if at is None else at)
 
     def plain(self):
-        """Scan a plain scalar inside a flow collection."""
-        s, start = self.s, self.p
+        """Scan a plain scalar inside a flow collection; it may go on over lines (folded)."""
+        s = self.s
+        out = []
+        start = self.p
         while self.p < len(s):
             ch = s[self.p]
-            if ch in ',[]{}\n':
+            if ch == '\n':
+                out.append(s[start:self.p].rstrip(' \t'))
+                k = self.p
+                while k < len(s) and s[k] in ' \t\n':
+                    k += 1
+                if k == len(s) and self.partial:
+                    raise _FlowTruncated()
+                if k == len(s) or s[k] in ',[]{}#' or s[k - 1] == '\n' or (
+                        s[k] == ':' and s[k + 1:k + 2] in ('', ' ', '\t', '\n', ',', ']', '}')):
+                    return ''.join(out)
+                fold = []
+                self.p = _YamlParser.fold_break(s, self.p, fold)
+                out.append(fold[0])
+                start = self.p
+                continue
+            if ch in ',[]{}':
                 break
             if ch == ':' and (self.p + 1 == len(s) or s[self.p + 1] in ' \t\n,[]{}'):
                 break
             if ch == '#' and s[self.p - 1] in ' \t':
                 break
             self.p += 1
-        return s[start:self.p].rstrip(' \t')
+        out.append(s[start:self.p].rstrip(' \t'))
+        return ''.join(out)
 
     def sequence(self):
         """Parse [a, b, ...]."""
@@ -2556,6 +2765,7 @@ class _FlowParser(object):
         start = self.p
         self.p += 1
         result = {}
+        explicit = set()
         while True:
             self.skip_space()
             if self.p >= len(self.s):
@@ -2572,9 +2782,13 @@ class _FlowParser(object):
                 self.skip_space()
                 if self.s[self.p:self.p + 1] not in (',', '}', ''):
                     value = self.node()
-            if key in result:
+            if key in explicit:
                 raise self.error('duplicate key %r' % (key,), key_at)
-            result[key] = value
+            explicit.add(key)
+            if key is _MERGE:
+                self.owner.merge(result, value, self._lineno(key_at))
+            else:
+                result[key] = value
             self.separator('}', start)
 
     def key(self):
@@ -2584,8 +2798,9 @@ class _FlowParser(object):
             raise self.error('collections as mapping keys are not supported')
         if ch == '?' and self.s[self.p + 1:self.p + 2] in (' ', '\t', '\n'):
             raise self.error('complex keys ("? ") are not supported')
-        if self.s.startswith('<<', self.p):
-            raise self.error('merge keys (<<) are not supported — repeat the keys instead')
+        if self.s.startswith('<<', self.p) and self.s[self.p + 2:self.p + 3] in (' ', ':'):
+            self.p += 2
+            return _MERGE
         return self.node()
 
     def separator(self, closer, start):

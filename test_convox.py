@@ -1558,11 +1558,16 @@ DOCUMENTS = [
 
 # (document, expected line, text the message must contain)
 REJECTED = [
-    ('a: 1\nb: &base 2\n', 2, 'anchors and aliases'),
-    ('a: 1\nb: *base\n', 2, 'anchors and aliases'),
-    ('services:\n  web: &web\n    image: x\n', 2, 'anchors and aliases'),
-    ('a:\n  - *x\n', 2, 'anchors and aliases'),
-    ('a: [1, *x]\n', 1, 'anchors and aliases'),
+    ('a: 1\nb: *base\n', 2, 'unknown alias *base — define &base before using it'),
+    ('a:\n  - *x\n', 2, 'unknown alias *x'),
+    ('a: [1, *x]\n', 1, 'unknown alias *x'),
+    ('a: &x [*x]\n', 1, 'unknown alias *x'),  # an anchor's value cannot contain itself
+    ('a: &x 1\nb: &y *x\n', 2, 'cannot follow &y'),  # yaml-test-suite SR86
+    ('a: &x 1\n&y *x : 2\n', 2, 'on mapping keys'),  # SU74
+    ('a: 1\nb:\n  <<: 5\n', 3, 'merge key (<<) takes a mapping'),
+    ('a: &x [1]\nb:\n  <<: *x\n', 3, 'merge key (<<) takes a mapping'),
+    ('a: &x {k: 1}\nb:\n  <<: *x\n  <<: *x\n', 4, "duplicate key '<<'"),
+    ('- &a k: v\n', 1, 'anchor before a key'),
     ('a: !!str 1\n', 1, 'tags'),
     ('a:\n  b: !Ref x\n', 2, 'tags'),
     ('a: 1\n---\nb: 2\n', 2, 'second document'),
@@ -1578,9 +1583,11 @@ REJECTED = [
     ('services:\n  web:\n    image: a\n    image: b\n', 4, "duplicate key 'image'"),
     ('a: {x: 1,\n  x: 2}\n', 2, "duplicate key 'x'"),
     ('? complex\n: value\n', 1, 'complex keys'),
-    ('base:\n  <<: {a: 1}\n', 2, 'merge keys'),
     ('a: b: c\n', 1, 'quote values'),
-    ('a: value\n  continued here\n', 2, 'multi-line plain values'),
+    ('a: value # comment\n  continued here\n', 2, 'after a comment'),
+    ('key: word1\n#  xxx\n  word2\n', 3, 'after a comment'),  # 8XDJ
+    ('a: value\n  b: c\n', 2, 'bad indentation'),
+    ('a: "one\ntwo"\n', 1, 'unterminated quoted string'),  # DK95: not deeper than its key
     ('a: [1, 2\nb: 3\n', 2, "missing?"),
     ('a: {x: 1\n', 1, "unclosed '{'"),
     ('%YAML 1.2\n---\na: 1\n', 1, 'directives'),
@@ -1613,6 +1620,60 @@ BLOCK_SCALARS = [
     ('a: | # comment on the header\n  x\n', 'x\n'),
     ('a: >\n  para one\n  continues\n\n\n  para two\n', 'para one continues\n\npara two\n'),
     ('a:\n  - |\n    in a list\n  - >-\n    folded\n    item\n', ['in a list\n', 'folded item']),
+]
+
+# Anchors, aliases and merge keys as real compose files write them (document -> value).
+ANCHORS = [
+    ('x-common: &common\n  image: app\n  environment:\n    A: 1\nservices:\n'
+     '  web:\n    <<: *common\n    command: web\n  worker:\n    <<: *common\n'
+     '    image: other\n',
+     {'x-common': {'image': 'app', 'environment': {'A': 1}},
+      'services': {'web': {'image': 'app', 'environment': {'A': 1}, 'command': 'web'},
+                   'worker': {'image': 'other', 'environment': {'A': 1}}}}),
+    # <<: [*a, *b]: the earlier mapping wins; keys given here win over both, before or after.
+    ('a: &a {x: 1, y: 1}\nb: &b {y: 2, z: 2, w: 2}\nc:\n  w: 3\n  <<: [*a, *b]\n',
+     {'a': {'x': 1, 'y': 1}, 'b': {'y': 2, 'z': 2, 'w': 2}, 'c': {'w': 3, 'x': 1, 'y': 1, 'z': 2}}),
+    ('a: &a {x: 1}\nc:\n  <<:\n    - *a\n    - {x: 2, y: 2}\n  y: 3\n',
+     {'a': {'x': 1}, 'c': {'x': 1, 'y': 3}}),
+    ('a: &a {x: 1}\nc: {<<: *a, y: 2}\n', {'a': {'x': 1}, 'c': {'x': 1, 'y': 2}}),
+    ('"<<": 1\n', {'<<': 1}),  # a quoted "<<" is an ordinary key
+    # yaml-test-suite 3GZX: an anchor may be defined again; aliases take the latest.
+    ('first: &anchor Foo\nsecond: *anchor\noverride: &anchor Bar\nreuse: *anchor\n',
+     {'first': 'Foo', 'second': 'Foo', 'override': 'Bar', 'reuse': 'Bar'}),
+    ('a: &anchor\nb: *anchor\n', {'a': None, 'b': None}),  # 6KGN: anchor on an empty value
+    ('env: &env\n  - A=1\n  - B=2\nother: *env # comment\n',
+     {'env': ['A=1', 'B=2'], 'other': ['A=1', 'B=2']}),
+    ('list:\n  - &item\n    k: v\n  - *item\n  - &n 3\n  - [*n, &m 4, *m]\n',
+     {'list': [{'k': 'v'}, {'k': 'v'}, 3, [3, 4, 4]]}),
+    ('a: &x\n- 1\nb: *x\n', {'a': [1], 'b': [1]}),
+    ('healthcheck: &hc\n  test: ["CMD", "true"]\n  interval: 5s\nservices:\n  db:\n'
+     '    healthcheck: *hc\n',
+     {'healthcheck': {'test': ['CMD', 'true'], 'interval': '5s'},
+      'services': {'db': {'healthcheck': {'test': ['CMD', 'true'], 'interval': '5s'}}}}),
+]
+
+# yaml-test-suite cases (github.com/yaml/yaml-test-suite), in our own words: (id, document,
+# value, or None when the document must be refused).
+YAML_SUITE = [
+    ('A984', 'a: b\n c\nd:\n e\n  f\n', {'a': 'b c', 'd': 'e f'}),
+    ('36F6', 'plain: a\n b\n\n c\n', {'plain': 'a b\nc'}),
+    ('9YRD', 'a\nb  \n  c\nd\n\ne\n', 'a b c d\ne'),
+    ('HS5T', 'first\n\n second \n\tthird\n', 'first\nsecond third'),
+    ('seq', '- long\n  value\n- next\n', ['long value', 'next']),
+    ('DK95', 'foo: "bar\n  \tbaz"\n', {'foo': 'bar baz'}),
+    ('DK95', 'foo: "bar\n \t \t baz \t \t "\n', {'foo': 'bar baz \t \t '}),
+    ('quoted', "a: 'one\n\n  two'\nb: \"x\\\n  y\"\n", {'a': 'one\ntwo', 'b': 'xy'}),
+    ('flow', 'a: [one\n  two, three]\n', {'a': ['one two', 'three']}),
+    ('flow', 'a: ["one\n  two"]\n', {'a': ['one two']}),
+    ('G5U8', '- [-, -]\n', None),
+    ('CVW2', '[ a, b, c,#invalid\n]\n', None),
+    ('5LLU', 'block scalar: >\n \n  \n   \n invalid\n', None),
+    ('S98Z', 'empty block scalar: >\n \n  \n   \n # comment\n', None),
+    ('W9L4', 'block scalar: |\n     \n  more spaces at the beginning\n  are invalid\n', None),
+    ('Y79Y', 'foo: |\n\t\nbar: 1\n', None),
+    ('Y79Y', 'foo: |\n \t\nbar: 1\n', {'foo': '\t\n', 'bar': 1}),
+    ('8XDJ', 'key: word1\n#  xxx\n  word2\n', None),
+    ('SR86', 'key1: &a value\nkey2: &b *a\n', None),
 ]
 
 # plain or quoted scalar text -> exact value (type checked too)
@@ -1656,11 +1717,41 @@ class YamlDocumentTest(unittest.TestCase):
                 self.assertTrue(message.startswith('convox.yml:%d: ' % line), message)
                 self.assertIn(fragment, message)
 
-    def test_anchor_message(self):
+    def test_anchors_aliases_and_merge_keys(self):
+        for text, expected in ANCHORS:
+            with self.subTest(text):
+                self.assertEqual(convox.parse_yaml(text, 'f.yml'), expected)
+
+    def test_alias_bomb_is_an_error(self):
+        # "Billion laughs": nine levels of ten aliases stand for 10**9 strings.
+        lines = ['a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]']
+        for level in range(1, 10):
+            lines.append('a%d: &a%d [%s]' % (level, level, ', '.join(['*a%d' % (level - 1)] * 10)))
+        began = time.monotonic()
         with self.assertRaises(convox.ManifestError) as caught:
-            convox.parse_yaml('services:\n  web:\n    image: x\n\n\n\n    env: &e\n', 'convox.yml')
-        self.assertEqual(str(caught.exception), 'convox.yml:7: anchors and aliases (&name, *name) '
-                                                'are not supported — repeat the value instead')
+            convox.parse_yaml('\n'.join(lines) + '\n', 'compose.yaml')
+        self.assertLess(time.monotonic() - began, 1.0)
+        self.assertEqual(str(caught.exception),
+                         'compose.yaml:5: aliases expand this file to more than 100000 values — '
+                         'an alias bomb? write the values out instead')
+        # The same with merge keys and block style.
+        lines = ['b0: &b0 {%s}' % ', '.join('k%d: v' % k for k in range(10))]
+        for level in range(1, 12):
+            lines.append('b%d: &b%d' % (level, level))
+            lines.extend('  k%d:\n    <<: *b%d' % (k, level - 1) for k in range(10))
+        with self.assertRaises(convox.ManifestError) as caught:
+            convox.parse_yaml('\n'.join(lines) + '\n', 'compose.yaml')
+        self.assertIn('alias bomb', str(caught.exception))
+
+    def test_yaml_test_suite(self):
+        for case, text, expected in YAML_SUITE:
+            with self.subTest(case, text=text):
+                if expected is None:
+                    with self.assertRaises(convox.ManifestError) as caught:
+                        convox.parse_yaml(text, 'f.yml')
+                    self.assertRegex(str(caught.exception), r'^f\.yml:\d+: ')
+                else:
+                    self.assertEqual(convox.parse_yaml(text, 'f.yml'), expected)
 
     def test_block_scalars(self):
         for text, expected in BLOCK_SCALARS:
@@ -2136,8 +2227,7 @@ class LoadManifestTest(unittest.TestCase):
 
     def test_yaml_error_names_file_and_line(self):
         self.assertEqual(self.error('convox.yml', 'services:\n  web:\n    image: *img\n'),
-                         'convox.yml:3: anchors and aliases (&name, *name) are not supported — '
-                         'repeat the value instead')
+                         'convox.yml:3: unknown alias *img — define &img before using it')
 
     def test_bad_dotenv(self):
         self.write('.env', 'GOOD=1\nthis is wrong\n')
