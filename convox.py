@@ -1090,6 +1090,10 @@ class EngineRack:
     filters (the engine may hold thousands of others); every container only when an error
     must name the apps."""
 
+    #: Process fields that ps shows after NAME, and that ps info adds (none here).
+    COLUMNS = ()
+    DETAILS = ()
+
     def __init__(self, engine):
         self.engine = engine
         self._summaries = {}  # app -> its container summaries, newest first
@@ -1140,12 +1144,8 @@ class EngineRack:
 
     def require_app(self, app, inferred):
         """Raise a helpful error when nothing carries this app's name."""
-        if self.summaries(app):
-            return
-        names = self.apps()
-        where = " (from the current directory)" if inferred else ""
-        here = ("apps here: %s" % ", ".join(names)) if names else "no apps here"
-        raise ConvoxError('no processes for app "%s"%s; %s — use -a APP' % (app, where, here))
+        if not self.summaries(app):
+            raise no_app_error(app, inferred, self.apps())
 
     # -- choosing a process ----------------------------------------------------------------
 
@@ -1229,6 +1229,366 @@ class EngineRack:
         for network, aliases in networks:
             self.engine.connect_network(network, container, aliases)
         return container
+
+    def run(self, ctx, template, command, *, app, service, image=None, release=None,
+            entrypoint=True, node_labels=()):
+        """Run a one-off process of ``service`` from ``template`` (see ``run_one_off``)."""
+        if node_labels:
+            raise UsageError("--node-labels places a one-off on Swarm nodes, and %s is a "
+                             "single engine — leave it out, or point --rack at a Swarm "
+                             "manager" % self.engine.rack.url)
+        return run_one_off(ctx, template, command, app=app, service=service, image=image,
+                           release=release, entrypoint=entrypoint)
+
+    def stop(self, process):
+        """Stop a process (10 s grace); a one-off is removed too."""
+        self.engine.stop(process.id)
+        if process.type == "process":
+            self.engine.remove(process.id)
+
+
+def open_rack(engine, environ):
+    """The rack of an engine: a Swarm rack when it manages a Swarm (GET /info,
+    Swarm.ControlAvailable), else the single engine's own."""
+    try:
+        info = engine.request("GET", "/info") or {}
+    except EngineError:
+        info = {}  # an engine without /info (or a fake one) is a single engine
+    if (info.get("Swarm") or {}).get("ControlAvailable"):
+        return SwarmRack(engine, info["Swarm"].get("NodeID") or "", environ)
+    return EngineRack(engine)
+
+
+def no_app_error(app, inferred, names):
+    where = " (from the current directory)" if inferred else ""
+    here = ("apps here: %s" % ", ".join(names)) if names else "no apps here"
+    return ConvoxError('no processes for app "%s"%s; %s — use -a APP' % (app, where, here))
+
+
+# -- Swarm (SPEC §10) -----------------------------------------------------------------------
+
+class SwarmRack(EngineRack):
+    """The apps of a Swarm, read through a manager: their processes are the tasks of their
+    services, and each task is reached through the engine of its node (SPEC §10)."""
+
+    COLUMNS = ("node",)
+    DETAILS = ("node", "task")
+
+    def __init__(self, engine, node_id, environ):
+        super().__init__(engine)
+        self.node_id = node_id  # the manager's own node: its tasks need no other engine
+        self.environ = environ
+        self._services = {}
+        self._nodes = None
+        self._node_engines = {}
+        self._commands = {}
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def app_services(self, app):
+        """{ID: service} of an app: labelled by Convox, or deployed as a stack named APP."""
+        if app not in self._services:
+            found = {}
+            for label in (LABEL_APP, STACK_NAMESPACE):
+                query = {"filters": {"label": ["%s=%s" % (label, app)]}}
+                for service in self.engine.request("GET", "/services", query) or []:
+                    if service_identity(service["Spec"])[0] == app:
+                        found[service["ID"]] = service
+            self._services[app] = found
+        return self._services[app]
+
+    def nodes(self):
+        if self._nodes is None:
+            self._nodes = {n["ID"]: n for n in self.engine.request("GET", "/nodes") or []}
+        return self._nodes
+
+    def processes(self, app, service=None, all=False):
+        """The tasks of the app's services (desired state running, unless ``all``)."""
+        services = {ident: s for ident, s in self.app_services(app).items()
+                    if service is None or service_identity(s["Spec"])[1] == service}
+        if not services:
+            return []
+        filters = {"service": sorted(services)}
+        if not all:
+            filters["desired-state"] = ["running"]
+        nodes = self.nodes()
+        return [Task(task, services[task["ServiceID"]], nodes.get(task.get("NodeID")),
+                     self.command(services[task["ServiceID"]]))
+                for task in self.engine.request("GET", "/tasks", {"filters": filters}) or []
+                if task.get("ServiceID") in services]
+
+    def command(self, service):
+        """A service's command as its tasks run it: its Command (the image's ENTRYPOINT
+        where it has none) and Args (else the image's CMD)."""
+        spec = service["Spec"]["TaskTemplate"].get("ContainerSpec") or {}
+        command, args = spec.get("Command") or [], spec.get("Args")
+        if not command or args is None:
+            image = self.image_config(spec.get("Image") or "")
+            command = command or image.get("Entrypoint") or []
+            args = image.get("Cmd") or [] if args is None else args
+        return list(command) + list(args)
+
+    def image_config(self, image, engine=None):
+        """The Config of an image, from the manager (or ``engine``); {} where it is absent."""
+        key = (image, id(engine))
+        if key not in self._commands:
+            try:
+                info = (engine or self.engine).request("GET", "/images/%s/json" % image)
+            except EngineError:
+                info = {}
+            self._commands[key] = (info or {}).get("Config") or {}
+        return self._commands[key]
+
+    def apps(self):
+        services = self.engine.request("GET", "/services") or []
+        return sorted({service_identity(s["Spec"])[0] for s in services} - {""})
+
+    def services(self, app):
+        return sorted({service_identity(s["Spec"])[1] for s in self.app_services(app).values()
+                       if service_identity(s["Spec"])[3] == "service"} - {""})
+
+    def require_app(self, app, inferred):
+        if not self.app_services(app):
+            raise no_app_error(app, inferred, self.apps())
+
+    # -- choosing a process ----------------------------------------------------------------
+
+    def find(self, app, ident):
+        """A task of the app by container ID (prefix) or task ID (prefix)."""
+        found = [t for t in self.processes(app, all=True) if t.matches(ident)]
+        if found:
+            return min(found, key=lambda t: (t.id != ident and t.task != ident, t.id))
+        for task in self.engine.request("GET", "/tasks") or []:
+            container = (task["Status"].get("ContainerStatus") or {}).get("ContainerID", "")
+            if ident and (container.startswith(ident) or task["ID"].startswith(ident)):
+                try:
+                    owner = service_identity(self.engine.request(
+                        "GET", "/services/%s" % task["ServiceID"])["Spec"])[0]
+                except NotFound:
+                    break
+                raise ConvoxError("process %s is not part of app %s (%s) — use -a APP" % (
+                    ident, app, 'it belongs to app "%s"' % owner if owner
+                    else "it belongs to no app"))
+        raise ConvoxError("no such process: %s (app %s) — see convox ps" % (ident, app))
+
+    def target(self, app, target):
+        """exec's TARGET: a running task by container or task ID (prefix), else the task of
+        the app's service TARGET that has run longest (so that repeated execs meet)."""
+        running = [t for t in self.processes(app) if t.running]
+        by_id = [t for t in running if t.matches(target)]
+        if by_id:
+            return by_id[0]
+        of_service = [t for t in running if t.service == target and t.type == "service"]
+        if of_service:
+            return min(of_service, key=lambda t: (t.started or "", t.id))
+        known = [t for t in self.processes(app, all=True) if t.matches(target)]
+        if known:
+            raise ConvoxError("process %s is not running (%s) — see convox ps --all" %
+                              (target, known[0].status))
+        services = self.services(app)
+        raise ConvoxError("no such process or service: %s (app %s)%s — see convox ps" %
+                          (target, app, "; services: " + ", ".join(services)
+                           if services else ""))
+
+    def engine_for(self, process):
+        """The engine of the process's node: the rack's own on the manager's node, else
+        CONVOX_NODE_RACK (or the rack's URL) with the node filled in."""
+        node_id = getattr(process, "node_id", self.node_id)
+        if node_id == self.node_id:
+            return self.engine
+        if node_id not in self._node_engines:
+            self._node_engines[node_id] = self.node_engine(self.nodes().get(node_id) or {})
+        return self._node_engines[node_id]
+
+    def node_engine(self, node):
+        hostname = (node.get("Description") or {}).get("Hostname") or node.get("ID", "?")
+        url = node_rack_url(self.environ.get("CONVOX_NODE_RACK") or
+                            node_rack_template(self.engine.rack.url), node)
+        try:
+            engine = Engine(parse_rack(url, self.environ), self.environ)
+            engine.request("GET", "/_ping")  # reachable, and the API version settled
+        except ConvoxError as exc:
+            raise EngineUnavailable(
+                "cannot reach node %s at %s: %s — set CONVOX_NODE_RACK to a rack URL that "
+                "reaches every node, e.g. ssh://USER@{addr}" % (hostname, url, exc))
+        return engine
+
+    def stop(self, process):
+        """Stop the task's container through its node: Swarm replaces a service's task; a
+        one-off's service is removed."""
+        if process.type == "process":
+            self.remove_service(process.service_id)
+        else:
+            self.engine_for(process).stop(process.id)
+
+    def remove_service(self, ident):
+        try:
+            self.engine.request("DELETE", "/services/%s" % ident)
+        except NotFound:
+            pass
+
+    # -- one-offs --------------------------------------------------------------------------
+
+    def template(self, app, service):
+        """The newest Swarm service of that name (its spec is what a one-off copies)."""
+        found = [s for s in self.app_services(app).values()
+                 if service_identity(s["Spec"])[1:4:2] == (service, "service")]
+        return max(found, key=lambda s: s.get("CreatedAt") or "", default=None)
+
+    def release_image(self, app, service, release):
+        images = [s["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+                  for s in self.app_services(app).values()
+                  if service_identity(s["Spec"])[1:3] == (service, release)]
+        if images:
+            return images[0]
+        known = sorted({service_identity(s["Spec"])[2] for s in
+                        self.app_services(app).values()} - {""})
+        raise ConvoxError("no such release: %s (app %s, service %s)%s — see convox ps --all"
+                          % (release, app, service,
+                             "; releases: " + ", ".join(known) if known else ""))
+
+    def run(self, ctx, template, command, *, app, service, image=None, release=None,
+            entrypoint=True, node_labels=()):
+        """A one-off as a Swarm service of its own, cloned from the service's.
+
+        Detached, the task runs COMMAND and stays, with its output, until ``ps stop``.
+        Attached (Convox's own design), the task holds for the timeout, and COMMAND is
+        executed in it through its node's engine: the exec gives a TTY, stdin's end and the
+        exact status, which a Swarm task's own stream cannot (Swarm sets StdinOnce=false);
+        and the deadline holds on the cluster however the client ends.
+        """
+        if "Spec" not in template:  # a service of the manifest: a local one-off
+            return super().run(ctx, template, command, app=app, service=service,
+                               image=image, release=release, entrypoint=entrypoint)
+        import contextlib
+        args = ctx.args
+        detach = bool(args.detach)
+        timeout = DEFAULT_RUN_TIMEOUT if args.timeout is None else args.timeout
+        spec = swarm_one_off_spec(
+            template["Spec"], command if detach else ["sleep", str(
+                timeout + HOLD_MARGIN if timeout else 2 ** 31 - 1)],
+            name=_container_name(app, service), app=app, service=service, image=image,
+            release=release, env=(args.env or ()) if detach else (), memory=args.memory,
+            entrypoint=entrypoint and detach, node_labels=node_labels,
+            job=_version_tuple(self.engine.api_version()) >= (1, 41))
+        with contextlib.ExitStack() as cleanup:
+            pending = cleanup.enter_context(SignalPipe(
+                [getattr(signal, n) for n in SESSION_SIGNALS]))
+            ident = self.engine.request("POST", "/services/create", body=spec)["ID"]
+            keep = []
+            cleanup.callback(lambda: keep or _quietly(self.remove_service, ident))
+            if not detach and timeout:
+                spawn_watchdog(self.engine, "service:" + ident, timeout + HOLD_MARGIN,
+                               ctx.environ)
+            task = self.one_off_task(ident)
+            if detach:
+                keep.append(True)
+                ctx.out("Running detached process... OK, %s\n" % task.id[:12])
+                return 0
+            if pending.fd is not None and set(_drain_signals(pending.fd)) - {signal.SIGWINCH}:
+                raise KeyboardInterrupt  # a signal before the command: never run it
+            engine = self.engine_for(task)
+            prefix = []
+            if entrypoint:
+                container = template["Spec"]["TaskTemplate"].get("ContainerSpec") or {}
+                prefix = container.get("Command") or self.image_config(
+                    task.image, engine).get("Entrypoint") or []
+            status = exec_session(ctx, engine, task.id, list(prefix) + command,
+                                  env=args.env, tty=ctx.stdio.wants_tty(args.tty),
+                                  deadline=time.monotonic() + timeout if timeout else None,
+                                  signal_pipe=pending)
+            if status == "timeout":
+                raise TimeoutExpired("timeout after %d seconds" % timeout)
+            if status == "detached":
+                keep.append(True)  # it runs on until its deadline (the watchdog's too)
+                return 0
+            return status
+
+    def one_off_task(self, service_id, patience=60.0):
+        """The one-off's task once it has a container (or the reason it cannot start)."""
+        give_up = time.monotonic() + patience
+        service = self.engine.request("GET", "/services/%s" % service_id)
+        while True:
+            for task in self.engine.request("GET", "/tasks", {"filters": {
+                    "service": [service_id]}}) or []:
+                status = task.get("Status") or {}
+                if (status.get("ContainerStatus") or {}).get("ContainerID") and \
+                        status.get("State") in ("running", "complete", "failed", "shutdown"):
+                    return Task(task, service, self.nodes().get(task.get("NodeID")), [])
+                if "no suitable node" in (status.get("Err") or ""):
+                    raise ConvoxError("no node can run the one-off: %s — check --node-labels "
+                                      "against the nodes' labels (docker node inspect)"
+                                      % status["Err"])
+                if status.get("State") in ("rejected", "failed"):
+                    raise _start_failure(EngineError("the one-off could not start: %s" % (
+                        status.get("Err") or status.get("Message") or status["State"])))
+            if time.monotonic() > give_up:
+                raise ConvoxError("the one-off did not start within %g s — see docker "
+                                  "service ps %s" % (patience, service_id))
+            time.sleep(0.05)
+
+
+#: Seconds an attached Swarm one-off's task holds beyond the timeout, so that the client's
+#: own deadline (and its 124) comes first.
+HOLD_MARGIN = 5
+
+
+def node_rack_template(url):
+    """CONVOX_NODE_RACK's default: the rack's scheme, user, port and path with the host
+    replaced by {addr} for ssh:// and tcp:// racks; ssh://{addr} for a UNIX-socket rack."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("tcp", "http", "https", "ssh"):
+        return "ssh://{addr}"
+    netloc, slash, path = rest.partition("/")
+    user, at, host_port = netloc.rpartition("@")
+    port = re.search(r":[0-9]+\Z", host_port)
+    return "%s://%s%s{addr}%s%s%s" % (scheme, user, at, port.group() if port else "",
+                                     slash, path)
+
+
+def node_rack_url(template, node):
+    """A node's rack URL: {addr}, {hostname} and {id} filled in from the node."""
+    fields = {"{addr}": (node.get("Status") or {}).get("Addr") or "",
+              "{hostname}": (node.get("Description") or {}).get("Hostname") or "",
+              "{id}": node.get("ID") or ""}
+    return re.sub(r"\{(?:addr|hostname|id)\}", lambda m: fields[m.group()], template)
+
+
+def swarm_one_off_spec(spec, command, *, name, app, service, image=None, release=None,
+                       env=(), memory=None, entrypoint=True, node_labels=(), job=True):
+    """The create body of a one-off Swarm service cloned from a service's spec (SPEC §10):
+    its task template (image, env, mounts, networks without aliases, resources, placement)
+    with COMMAND, the node labels as constraints, no restarts, no ports."""
+    import copy
+    task = copy.deepcopy(spec.get("TaskTemplate") or {})
+    container = task.setdefault("ContainerSpec", {})
+    labels = {LABEL_APP: app, LABEL_SERVICE: service,
+              LABEL_RELEASE: release or service_identity(spec)[2], LABEL_TYPE: "process"}
+    container["Labels"] = dict(container.get("Labels") or {}, **labels)
+    if image:
+        container["Image"] = image
+    container["Env"] = list(container.get("Env") or []) + list(env)
+    if entrypoint:
+        container["Args"] = command  # the ENTRYPOINT (Command, or the image's) stays
+    else:
+        container["Command"], container["Args"] = command, []
+    container["Init"] = True
+    container["Healthcheck"] = {"Test": ["NONE"]}
+    container.pop("StopSignal", None)
+    if memory:
+        task.setdefault("Resources", {}).setdefault("Limits", {})["MemoryBytes"] = \
+            memory * 1024 * 1024
+    task["RestartPolicy"] = {"Condition": "none", "MaxAttempts": 0}
+    task["Networks"] = [dict(n, Aliases=None) for n in task.get("Networks") or
+                        spec.get("Networks") or []] or None
+    placement = task.setdefault("Placement", {})
+    placement["Constraints"] = list(placement.get("Constraints") or []) + [
+        "node.labels.%s==%s" % pair for pair in node_labels]
+    task["ForceUpdate"] = 0
+    mode = {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}} if job else \
+        {"Replicated": {"Replicas": 1}}
+    return {"Name": name, "Labels": dict(spec.get("Labels") or {}, **labels),
+            "TaskTemplate": task, "Mode": mode, "EndpointSpec": {"Mode": "dnsrr"}}
 
 
 # ==========================================================================================
@@ -1799,6 +2159,63 @@ class Process:
             "status": self.status, "exit_code": self.exit_code, "command": self.command,
             "type": self.type,
         }
+
+
+def service_identity(spec):
+    """(app, service, release, type) of a Swarm service from its spec: the Convox (or
+    Compose) labels, else `docker stack deploy`'s: the stack is the app, and the service
+    is the service's name without the ``STACK_`` prefix."""
+    labels = spec.get("Labels") or {}
+    app, service, release, kind = identity(labels)
+    stack = labels.get(STACK_NAMESPACE) or ""
+    name = spec.get("Name") or ""
+    if not app:
+        app = stack
+    if not service and stack:
+        service = name[len(stack) + 1:] if name.startswith(stack + "_") else name
+    return app, service, release, kind
+
+
+def task_status(status):
+    """The STATUS column of a task: running, exited (N), or Swarm's state (pending ...)."""
+    state = status.get("State") or "unknown"
+    if state in ("complete", "failed", "shutdown") and status.get("ContainerStatus"):
+        return "exited (%d)" % (status["ContainerStatus"].get("ExitCode") or 0)
+    return state
+
+
+class Task(Process):
+    """One Swarm task seen as a Convox process: its ID is its container's (the task's own
+    when it has none yet); ``node`` is its node's hostname."""
+
+    def __init__(self, task, service, node, command):
+        status = task.get("Status") or {}
+        container = status.get("ContainerStatus") or {}
+        spec = task.get("Spec") or {}
+        self.info = task
+        self.task = task["ID"]
+        self.service_id = task.get("ServiceID") or ""
+        self.node_id = task.get("NodeID") or ""
+        self.node = ((node or {}).get("Description") or {}).get("Hostname") or "-"
+        self.id = container.get("ContainerID") or self.task
+        self.app, self.service, self.release, self.type = service_identity(service["Spec"])
+        self.running = status.get("State") == "running"
+        self.status = task_status(status)
+        self.exit_code = None if self.running else container.get("ExitCode")
+        memory = ((spec.get("Resources") or {}).get("Limits") or {}).get("MemoryBytes") or 0
+        self.size = memory // (1024 * 1024) if memory else None
+        self.started = status.get("Timestamp") if self.running else None
+        self.command = command
+        self.image = (spec.get("ContainerSpec") or {}).get("Image") or ""
+        self.created = task.get("CreatedAt") or ""
+
+    def matches(self, ident):
+        return bool(ident) and (self.id.startswith(ident) or self.task.startswith(ident))
+
+    def as_json(self):
+        fields = super().as_json()
+        fields.update(node=self.node, task=self.task)
+        return fields
 
 
 def newest(summaries):
@@ -4670,7 +5087,7 @@ class Context:
     def rack(self):
         """The rack the verbs ask for processes and one-offs (section Racks)."""
         if self._rack is None:
-            self._rack = EngineRack(self.engine)
+            self._rack = open_rack(self.engine, self.environ)
         return self._rack
 
     def app(self):
@@ -4708,12 +5125,14 @@ def cmd_ps(ctx):
         ctx.out(json.dumps([p.as_json() for p in processes], indent=2) + "\n")
         return 0
     now = time.time()
-    headers = ["ID", "NAME"] + (["STATUS"] if args.all else []) + \
-        ["RELEASE", "SIZE", "STARTED", "COMMAND"]
+    columns = ctx.rack.COLUMNS
+    headers = ["ID", "NAME"] + [c.upper() for c in columns] + \
+        (["STATUS"] if args.all else []) + ["RELEASE", "SIZE", "STARTED", "COMMAND"]
     rows = []
     for p in processes:
         started = parse_timestamp(p.started)
-        row = [p.id[:12], p.service or "-"] + ([p.status] if args.all else [])
+        row = [p.id[:12], p.service or "-"] + [getattr(p, c) for c in columns] + \
+            ([p.status] if args.all else [])
         row += [p.release or "-", "-" if p.size is None else p.size,
                 "-" if started is None else humanize_since(now - started),
                 shell_join(p.command)]
@@ -4731,7 +5150,7 @@ def ps_info(ctx, ident):
         ("Size", "-" if p.size is None else p.size), ("Status", p.status),
         ("Started", "-" if started is None else humanize_since(time.time() - started)),
         ("Command", shell_join(p.command)), ("Image", p.image),
-    ]
+    ] + [(c.title(), getattr(p, c)) for c in ctx.rack.DETAILS]
     width = max(len(key) for key, _ in fields)
     ctx.out("".join("%s  %s\n" % (key.ljust(width), printable(str(value)))
                     for key, value in fields))
@@ -4741,11 +5160,8 @@ def ps_info(ctx, ident):
 def ps_stop(ctx, ident):
     app, _ = ctx.app()
     p = ctx.rack.find(app, ident)
-    engine = ctx.rack.engine_for(p)
     ctx.out("Stopping %s... " % printable(ident))
-    engine.stop(p.id)
-    if p.type == "process":
-        engine.remove(p.id)
+    ctx.rack.stop(p)
     ctx.out("OK\n")
     return 0
 
@@ -4877,27 +5293,35 @@ def cmd_exec(ctx):
     if not args.target or not command:
         raise UsageError("exec needs a process and a command — convox exec TARGET COMMAND...")
     keys_text = args.detach_keys or DEFAULT_DETACH_KEYS
-    detach_keys = parse_detach_keys(keys_text)
+    parse_detach_keys(keys_text)  # bad keys are an error before anything runs
     app, _ = ctx.app()
     process = ctx.rack.target(app, args.target)
-    engine = ctx.rack.engine_for(process)
+    status = exec_session(ctx, ctx.rack.engine_for(process), process.id, command,
+                          tty=ctx.stdio.wants_tty(args.tty), env=args.env,
+                          workdir=args.workdir, user=args.user, keys_text=keys_text)
+    return 0 if status == "detached" else status
+
+
+def exec_session(ctx, engine, container, command, *, tty, env=None, workdir=None, user=None,
+                 keys_text=DEFAULT_DETACH_KEYS, deadline=None, signal_pipe=None):
+    """Run COMMAND in a running container, attached (SPEC §5); -> its exit status, or
+    ``"detached"`` (the detach keys) or ``"timeout"`` (past ``deadline``)."""
     stdio = ctx.stdio
-    tty = stdio.wants_tty(args.tty)
     config = {
         "AttachStdin": stdio.stdin_fd is not None, "AttachStdout": True,
-        "AttachStderr": True, "Tty": tty, "Cmd": command, "Env": args.env or None,
-        "WorkingDir": args.workdir or "", "User": args.user or "",
-        "DetachKeys": keys_text,
+        "AttachStderr": True, "Tty": tty, "Cmd": command, "Env": env or None,
+        "WorkingDir": workdir or "", "User": user or "", "DetachKeys": keys_text,
     }
-    exec_id = engine.exec_create(process.id, config)["Id"]
+    exec_id = engine.exec_create(container, config)["Id"]
     stream = engine.hijack("/exec/%s/start" % exec_id, {"Detach": False, "Tty": tty})
     try:
-        outcome = session(stream, stdio, tty=tty, detach_keys=detach_keys,
-                          resize=lambda rows, cols: engine.resize("exec", exec_id, rows, cols))
+        outcome = session(stream, stdio, tty=tty, detach_keys=parse_detach_keys(keys_text),
+                          resize=lambda rows, cols: engine.resize("exec", exec_id, rows, cols),
+                          deadline=deadline, signal_pipe=signal_pipe)
     finally:
         stream.close()
-    if outcome == "detached":
-        return 0
+    if outcome in ("detached", "timeout"):
+        return outcome
     if outcome == "broken-pipe":
         return 141
     if isinstance(outcome, tuple):
@@ -4942,6 +5366,7 @@ def cmd_run(ctx):
             raise UsageError("--entrypoint takes true or false — use --no-entrypoint to "
                              "bypass the image's ENTRYPOINT")
         entrypoint = entrypoint and args.entrypoint.lower() in ("true", "1", "yes")
+    node_labels = parse_node_labels(args.node_labels)
     rack = ctx.rack
     app, inferred = ctx.app()
     service = args.target
@@ -4953,8 +5378,20 @@ def cmd_run(ctx):
         raise ConvoxError("no such service: %s (app %s); services: %s" %
                           (service, app, ", ".join(rack.services(app)) or "none"))
     image = rack.release_image(app, service, args.release) if args.release else None
-    return run_one_off(ctx, template, command, app=app, service=service, image=image,
-                       release=args.release, entrypoint=entrypoint)
+    return rack.run(ctx, template, command, app=app, service=service, image=image,
+                    release=args.release, entrypoint=entrypoint, node_labels=node_labels)
+
+
+def parse_node_labels(text):
+    """--node-labels K=V,K2=V2 -> [(K, V), ...]."""
+    pairs = []
+    for item in (text or "").split(",") if text is not None else ():
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError("--node-labels takes KEY=VALUE pairs separated by commas, not "
+                             "%r — e.g. --node-labels role=batch,disk=ssd" % text)
+        pairs.append((key.strip(), value.strip()))
+    return pairs
 
 
 def run_one_off(ctx, template, command, *, app, service, image=None, release=None,
@@ -5123,6 +5560,8 @@ def watchdog(rack_url, container, deadline, environ):
     ``deadline`` (UNIX seconds) stop and remove it.  On an ssh rack it has its own ssh."""
     engine = Engine(parse_rack(rack_url, environ), environ)
     try:
+        if container.startswith("service:"):  # a Swarm one-off's service
+            return _watch_service(engine, container[len("service:"):], float(deadline))
         conn = engine.connect(timeout=max(0.0, float(deadline) - time.time()) + 1)
         try:
             conn.request("POST", engine.url("/containers/%s/wait" % container,
@@ -5133,6 +5572,20 @@ def watchdog(rack_url, container, deadline, environ):
             engine.remove(container)
     finally:
         engine.rack.close()
+
+
+def _watch_service(engine, service, deadline):
+    """A Swarm one-off's watchdog: its task ends by itself at the deadline (it holds that
+    long); then remove its service, unless the service is gone before."""
+    while time.time() < deadline:
+        time.sleep(max(0.0, min(5.0, deadline - time.time())))
+        try:
+            engine.request("GET", "/services/%s" % service)
+        except NotFound:
+            return
+        except ConvoxError:
+            continue
+    engine.request("DELETE", "/services/%s" % service)
 
 
 def _become_daemon(keep=None):
@@ -5846,6 +6299,8 @@ def build_parser():
                      help="bypass the image's ENTRYPOINT")
     run.add_argument("--entrypoint", metavar="true|false", help=argparse.SUPPRESS)
     run.add_argument("--memory", type=int, metavar="MB", help="memory limit in MiB")
+    run.add_argument("--node-labels", metavar="K=V,...",
+                     help="on a Swarm rack: run on nodes with these labels")
     run.set_defaults(handler=cmd_run)
 
     start = verbs.add_parser(
