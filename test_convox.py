@@ -9,7 +9,8 @@ The real-engine tests use the engine convox.py would find (CONVOX_RACK, DOCKER_H
 default sockets).  When none answers and ``dockerd`` is installed (and we are root), a
 private one is started for the run, with its own data root and socket, and stopped after.
 CONVOX_TEST_REQUIRE_ENGINE=1 turns "no engine" into a failure instead of a skip (CI sets it).
-CONVOX_TEST_SLOW=1 adds the slow group (hundreds of containers, long soaks).
+CONVOX_TEST_SLOW=1 adds the slow group (hundreds of containers, long soaks, and the Swarm
+tests, which bring up a Swarm of three private dockerds in network namespaces of their own).
 Everything a test creates carries the label convox.test=RUN_ID and is removed at the end.
 """
 
@@ -861,6 +862,92 @@ class RackTest(unittest.TestCase):
         self.assertEqual(resolve(None, {}, system).address, "/run/podman/podman.sock")
         # Nothing exists: the Docker socket is named, so the error says where we looked.
         self.assertEqual(resolve(None, {}, lambda p: False).address, "/var/run/docker.sock")
+
+
+class SwarmPartsTest(unittest.TestCase):
+    """The pure parts of Swarm racks (SPEC §10): node URLs, identities, the one-off spec."""
+
+    def test_node_rack_defaults(self):
+        cases = [
+            ("tcp://manager:2375", "tcp://{addr}:2375"),
+            ("tcp://10.0.0.1", "tcp://{addr}"),
+            ("https://[::1]:2376", "https://{addr}:2376"),
+            ("ssh://ops@manager", "ssh://ops@{addr}"),
+            ("ssh://ops@manager:2222/run/docker.sock", "ssh://ops@{addr}:2222/run/docker.sock"),
+            ("unix:///var/run/docker.sock", "ssh://{addr}"),
+            ("/var/run/docker.sock", "ssh://{addr}"),
+        ]
+        for url, template in cases:
+            with self.subTest(url=url):
+                self.assertEqual(convox.node_rack_template(url), template)
+
+    def test_node_rack_url(self):
+        node = {"ID": "n1d", "Status": {"Addr": "10.1.2.3"},
+                "Description": {"Hostname": "box-2"}}
+        self.assertEqual(convox.node_rack_url("ssh://ops@{addr}/{hostname}/{id}/{x}", node),
+                         "ssh://ops@10.1.2.3/box-2/n1d/{x}")
+
+    def test_service_identity(self):
+        convox_labels = {convox.LABEL_APP: "shop", convox.LABEL_SERVICE: "web",
+                         convox.LABEL_RELEASE: "R1"}
+        cases = [
+            ({"Name": "x", "Labels": convox_labels}, ("shop", "web", "R1", "service")),
+            ({"Name": "shop_api", "Labels": {convox.STACK_NAMESPACE: "shop"}},
+             ("shop", "api", "", "service")),
+            ({"Name": "lonely", "Labels": {}}, ("", "", "", "service")),
+        ]
+        for spec, expected in cases:
+            with self.subTest(spec=spec):
+                self.assertEqual(convox.service_identity(spec), expected)
+
+    def test_node_labels(self):
+        self.assertEqual(convox.parse_node_labels(None), [])
+        self.assertEqual(convox.parse_node_labels("a=1, b = x"), [("a", "1"), ("b", "x")])
+        for bad in ("", "a", "=1", "a=", "a=1,,b=2"):
+            with self.subTest(bad=bad), self.assertRaises(convox.UsageError):
+                convox.parse_node_labels(bad)
+
+    def test_one_off_spec(self):
+        spec = {
+            "Name": "shop-web", "Labels": {convox.LABEL_APP: "shop",
+                                           convox.LABEL_SERVICE: "web",
+                                           convox.LABEL_RELEASE: "R1"},
+            "TaskTemplate": {
+                "ContainerSpec": {"Image": "img", "Args": ["web"], "Env": ["A=1"],
+                                  "Healthcheck": {"Test": ["CMD", "check"]}},
+                "Resources": {"Limits": {"MemoryBytes": 1 << 26}},
+                "Placement": {"Constraints": ["node.role==worker"]},
+                "Networks": [{"Target": "net1", "Aliases": ["web"]}],
+                "RestartPolicy": {"Condition": "any"},
+            },
+            "Mode": {"Replicated": {"Replicas": 3}},
+            "EndpointSpec": {"Mode": "vip", "Ports": [{"TargetPort": 80}]},
+        }
+        body = convox.swarm_one_off_spec(spec, ["bin/job", "x"], name="shop-web-run-1",
+                                         app="shop", service="web", env=["B=2"],
+                                         memory=128, node_labels=[("disk", "ssd")])
+        task = body["TaskTemplate"]
+        container = task["ContainerSpec"]
+        self.assertEqual(body["Name"], "shop-web-run-1")
+        self.assertEqual(body["Labels"][convox.LABEL_TYPE], "process")
+        self.assertEqual(container["Labels"][convox.LABEL_RELEASE], "R1")
+        self.assertEqual((container.get("Command"), container["Args"]), (None, ["bin/job", "x"]))
+        self.assertEqual(container["Env"], ["A=1", "B=2"])
+        self.assertEqual(container["Healthcheck"], {"Test": ["NONE"]})
+        self.assertEqual(task["Resources"]["Limits"]["MemoryBytes"], 128 << 20)
+        self.assertEqual(task["Placement"]["Constraints"],
+                         ["node.role==worker", "node.labels.disk==ssd"])
+        self.assertEqual(task["Networks"], [{"Target": "net1", "Aliases": None}])
+        self.assertEqual(task["RestartPolicy"]["Condition"], "none")
+        self.assertEqual(body["Mode"], {"ReplicatedJob": {"MaxConcurrent": 1,
+                                                          "TotalCompletions": 1}})
+        self.assertEqual(body["EndpointSpec"], {"Mode": "dnsrr"})  # no ports, no VIP
+        self.assertEqual(spec["TaskTemplate"]["Networks"][0]["Aliases"], ["web"])  # a copy
+        old = convox.swarm_one_off_spec(spec, ["sleep", "9"], name="n", app="shop",
+                                        service="web", entrypoint=False, job=False)
+        self.assertEqual(old["Mode"], {"Replicated": {"Replicas": 1}})
+        self.assertEqual((old["TaskTemplate"]["ContainerSpec"]["Command"],
+                          old["TaskTemplate"]["ContainerSpec"]["Args"]), (["sleep", "9"], []))
 
 
 class VersionTest(unittest.TestCase):
@@ -5344,6 +5431,8 @@ class SwarmTestCase(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
+        if not SLOW:
+            raise unittest.SkipTest("the Swarm tests run in the slow group (CONVOX_TEST_SLOW=1)")
         SWARM.setup()
         if SWARM.cluster is None:
             message = "Swarm unavailable: %s" % SWARM.problem
@@ -5371,10 +5460,11 @@ class SwarmTestCase(unittest.TestCase):
         self.addCleanup(session.close)
         return session
 
-    def service(self, app, name, replicas=3, command=("sleep", "3600"), memory=None,
-                stack=False, constraints=None, env=None):
+    @classmethod
+    def create_service(cls, app, name, replicas=3, command=("sleep", "3600"), memory=None,
+                       stack=False, constraints=None, env=None):
         """A labelled Swarm service of the app (``stack``: as `docker stack deploy`
-        labels it), removed at the end; -> its ID once ``replicas`` tasks run."""
+        labels it); -> its ID once ``replicas`` tasks run.  The caller removes it."""
         labels = {TEST_LABEL: RUN_ID}
         if stack:
             labels[convox.STACK_NAMESPACE] = app
@@ -5385,7 +5475,7 @@ class SwarmTestCase(unittest.TestCase):
         spec = {
             "Name": full_name, "Labels": labels,
             "TaskTemplate": {
-                "ContainerSpec": {"Image": self.image, "Command": list(command), "Init": True,
+                "ContainerSpec": {"Image": cls.image, "Args": list(command), "Init": True,
                                   "Env": list(env or []), "Labels": dict(labels)},
                 "Resources": {"Limits": {"MemoryBytes": (memory or 0) * 1024 * 1024}},
                 "Placement": {"Constraints": list(constraints or [])},
@@ -5393,24 +5483,35 @@ class SwarmTestCase(unittest.TestCase):
             "Mode": {"Replicated": {"Replicas": replicas}},
             "EndpointSpec": {"Mode": "dnsrr"},  # no VIPs in these namespaces
         }
-        ident = self.manager.request("POST", "/services/create", body=spec)["ID"]
-        self.addCleanup(self.remove_service, ident)
-        self.running_tasks(ident, replicas)
+        ident = cls.manager.request("POST", "/services/create", body=spec)["ID"]
+        try:
+            cls.running_tasks(ident, replicas)
+        except BaseException:
+            cls.remove_service(ident)
+            raise
         return ident
 
-    def remove_service(self, ident):
-        with contextlib.suppress(convox.NotFound):
-            self.manager.request("DELETE", "/services/%s" % ident)
+    def service(self, *args, **kwargs):
+        """create_service, removed at the end of the test."""
+        ident = self.create_service(*args, **kwargs)
+        self.addCleanup(self.remove_service, ident)
+        return ident
 
-    def running_tasks(self, service, count, within=60):
+    @classmethod
+    def remove_service(cls, ident):
+        with contextlib.suppress(convox.NotFound):
+            cls.manager.request("DELETE", "/services/%s" % ident)
+
+    @classmethod
+    def running_tasks(cls, service, count, within=60):
         """The service's tasks once ``count`` of them run (a deadline, as every wait)."""
         for _ in deadline_loop(within, 0.1):
-            tasks = self.manager.request("GET", "/tasks", {"filters": {
+            tasks = cls.manager.request("GET", "/tasks", {"filters": {
                 "service": [service], "desired-state": ["running"]}})
             running = [t for t in tasks if t["Status"]["State"] == "running"]
             if len(running) >= count:
                 return running
-        self.fail("%d tasks of %s not running within %ss: %r" % (
+        raise AssertionError("%d tasks of %s not running within %ss: %r" % (
             count, service, within, [t["Status"] for t in tasks]))
 
     def services_of(self, app):
@@ -5477,6 +5578,243 @@ class SwarmHarnessTest(SwarmTestCase):
         finally:
             left = cluster.close()
         self.assertEqual(left, [])
+
+
+class SwarmAppTestCase(SwarmTestCase):
+    """Tests around one app whose service web runs a task on each of the three nodes."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.app = app_name("sw-" + cls.__name__[5:].lower())
+        cls.web = cls.create_service(cls.app, "web", memory=64)
+
+    @classmethod
+    def tearDownClass(cls):
+        for service in cls.manager.request("GET", "/services", {"filters": {
+                "label": ["%s=%s" % (convox.LABEL_APP, cls.app)]}}):
+            cls.remove_service(service["ID"])
+
+    def worker_task(self):
+        """A running task of web on a node other than the manager's."""
+        tasks = self.running_tasks(self.web, 3)
+        return [t for t in tasks if self.node_of(t) != 0][0]
+
+    def ps_json(self, *args):
+        result = self.convox("-a", self.app, "ps", "--format", "json", *args)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return json.loads(result.stdout.decode())
+
+
+class SwarmPsTest(SwarmAppTestCase):
+    def test_one_line_per_task_with_its_node(self):
+        tasks = self.running_tasks(self.web, 3)
+        result = self.convox("-a", self.app, "ps")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.decode().splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "NAME", "NODE", "RELEASE", "SIZE", "STARTED",
+                                            "COMMAND"])
+        rows = [line.split(None, 5) for line in lines[1:]]
+        expected = sorted((t["Status"]["ContainerStatus"]["ContainerID"][:12],
+                           self.cluster.hostnames[self.node_of(t)]) for t in tasks)
+        self.assertEqual(sorted((row[0], row[2]) for row in rows), expected)
+        self.assertEqual({row[2] for row in rows}, set(self.cluster.hostnames))  # 3 nodes
+        for row in rows:
+            self.assertEqual(row[1], "web")
+            self.assertEqual(row[3:5], ["-", "64"])
+            self.assertTrue(row[5].endswith("ago  sleep 3600") or
+                            row[5].endswith("now  sleep 3600"), row)
+
+    def test_json_and_info_name_node_and_task(self):
+        processes = self.ps_json()
+        self.assertEqual(len(processes), 3)
+        task = self.worker_task()
+        container = task["Status"]["ContainerStatus"]["ContainerID"]
+        mine = [p for p in processes if p["id"] == container][0]
+        self.assertEqual((mine["node"], mine["task"], mine["size"], mine["command"]),
+                         (self.cluster.hostnames[self.node_of(task)], task["ID"], 64,
+                          ["sleep", "3600"]))
+        result = self.convox("-a", self.app, "ps", "info", task["ID"][:10])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        info = dict(line.split(None, 1) for line in result.stdout.decode().splitlines())
+        self.assertEqual((info["Id"], info["Node"], info["Task"], info["Name"]),
+                         (container, self.cluster.hostnames[self.node_of(task)], task["ID"],
+                          "web"))
+
+    def test_a_stack_deployed_app(self):
+        stack = app_name("stack")
+        self.service(stack, "api", replicas=2, command=("sleep", "3601"), stack=True)
+        processes = self.convox("-a", stack, "ps", "--format", "json")
+        self.assertEqual(processes.returncode, 0, processes.stderr)
+        found = json.loads(processes.stdout.decode())
+        self.assertEqual([(p["app"], p["name"]) for p in found], [(stack, "api")] * 2)
+        result = self.convox("-a", stack, "run", "api", "sh", "-c", "echo $((6*7))")
+        self.assertEqual((result.returncode, result.stdout), (0, b"42\n"), result.stderr)
+        result = self.convox("-a", stack, "exec", "api", "echo", "in-stack")
+        self.assertEqual((result.returncode, result.stdout), (0, b"in-stack\n"), result.stderr)
+
+    def test_ps_stop_replaces_a_service_task(self):
+        app = app_name("sw-stop")
+        service = self.service(app, "web", replicas=1)
+        task = self.running_tasks(service, 1)[0]
+        container = task["Status"]["ContainerStatus"]["ContainerID"]
+        result = self.convox("-a", app, "ps", "stop", container[:12])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, b"Stopping %s... OK\n" % container[:12].encode())
+        for _ in deadline_loop(30, 0.2):
+            tasks = self.running_tasks(service, 1)
+            if tasks[0]["ID"] != task["ID"]:
+                break
+        self.assertNotEqual(tasks[0]["ID"], task["ID"])  # Swarm started a new one
+
+
+class SwarmExecTest(SwarmAppTestCase):
+    def test_byte_exact_through_cat_on_a_worker(self):
+        task = self.worker_task()
+        container = task["Status"]["ContainerStatus"]["ContainerID"]
+        data = os.urandom(4 * 1024 * 1024)
+        result = self.convox("-a", self.app, "exec", container[:12], "cat", input=data)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(hashlib.sha256(result.stdout).hexdigest(),
+                         hashlib.sha256(data).hexdigest())
+        self.assertEqual(len(result.stdout), len(data))
+
+    def test_status_stderr_and_stdin_end_by_task_id(self):
+        task = self.worker_task()
+        result = self.convox("-a", self.app, "exec", task["ID"][:8], "sh", "-c",
+                             "wc -c; hostname; echo oops >&2; exit 7", input=b"abc")
+        self.assertEqual(result.returncode, 7, result.stderr)
+        container = task["Status"]["ContainerStatus"]["ContainerID"]
+        self.assertEqual(result.stdout.split(), [b"3", container[:12].encode()])
+        self.assertEqual(result.stderr, b"oops\n")
+
+    def test_node_rack_template(self):
+        # A template that names each node's own socket through {hostname}.
+        folder = tempfile.mkdtemp(prefix="convox-test-noderack-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        for index, hostname in enumerate(self.cluster.hostnames):
+            os.symlink(self.cluster.socket_url(index)[len("unix://"):],
+                       os.path.join(folder, hostname + ".sock"))
+        task = self.worker_task()
+        result = self.convox("-a", self.app, "exec", task["ID"][:8], "hostname",
+                             env={"CONVOX_NODE_RACK": "unix://%s/{hostname}.sock" % folder})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        container = task["Status"]["ContainerStatus"]["ContainerID"]
+        self.assertEqual(result.stdout, container[:12].encode() + b"\n")
+
+    def test_unreachable_node_is_one_error_line(self):
+        task = self.worker_task()
+        hostname = self.cluster.hostnames[self.node_of(task)]
+        result = self.convox("-a", self.app, "exec", task["ID"][:8], "true",
+                             env={"CONVOX_NODE_RACK": "tcp://{addr}:1"})
+        self.assertEqual(result.returncode, 125, result.stderr)
+        self.assertOneErrorLine(result)
+        error = result.stderr.decode()
+        self.assertIn("node %s" % hostname, error)
+        self.assertIn("tcp://%s:1" % self.cluster.addrs[self.node_of(task)], error)
+
+    def test_tty_under_a_pty(self):
+        task = self.worker_task()
+        session = self.pty("-a", self.app, "exec", task["ID"][:8], "sh", rows=33, cols=77)
+        session.send("tty; stty size; exit 5\r")
+        session.expect(r"/dev/pts/\d+")
+        session.expect(r"33 77")
+        self.assertEqual(session.wait(), 5)
+        self.assertEqual(session.attrs(), session.initial_attrs)
+
+    assertOneErrorLine = EngineTestCase.assertOneErrorLine
+
+
+class SwarmRunTest(SwarmAppTestCase):
+    def test_attached_status_and_stdin_end(self):
+        result = self.convox("-a", self.app, "run", "web", "sh", "-c",
+                             "cat; echo err >&2; exit 3", input=b"from stdin\n")
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertEqual((result.stdout, result.stderr), (b"from stdin\n", b"err\n"))
+        self.assertNoServiceLeft(self.app, within=0.5)
+
+    def test_command_not_found(self):
+        result = self.convox("-a", self.app, "run", "web", "no-such-command")
+        self.assertEqual(result.returncode, 127, result.stderr)
+        self.assertNoServiceLeft(self.app, within=0.5)
+
+    def test_detached_prints_the_id_and_stays_listed(self):
+        result = self.convox("-a", self.app, "run", "--detach", "web", "sh", "-c",
+                             "echo detached-$((40+2))")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        match = re.match(rb"Running detached process\.\.\. OK, ([0-9a-f]{12})\n\Z",
+                         result.stdout)
+        self.assertTrue(match, result.stdout)
+        ident = match.group(1).decode()
+        for _ in deadline_loop(30, 0.2):
+            found = [p for p in self.ps_json("--all") if p["id"].startswith(ident)]
+            if found and found[0]["status"] == "exited (0)":
+                break
+        self.assertEqual((found[0]["type"], found[0]["status"]), ("process", "exited (0)"))
+        stop = self.convox("-a", self.app, "ps", "stop", ident)
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertNoServiceLeft(self.app, within=2)
+
+    def test_timeout(self):
+        started = time.monotonic()
+        result = self.convox("-a", self.app, "run", "--timeout", "2", "web", "sleep", "60")
+        self.assertEqual(result.returncode, 124, result.stderr)
+        self.assertEqual(result.stderr, b"ERROR: timeout after 2 seconds\n")
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertNoServiceLeft(self.app, within=0.5)
+
+    def test_timeout_holds_when_the_client_is_killed(self):
+        proc = subprocess.Popen(
+            [sys.executable, CONVOX, "-a", self.app, "run", "--timeout", "2", "web", "sh",
+             "-c", "echo ready; sleep 120"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env())
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        read_until(proc, b"ready")
+        deadline = time.monotonic() + 2
+        proc.kill()
+        proc.communicate(timeout=10)
+        self.assertTrue(self.services_of(self.app))  # still there: the client is gone
+        self.assertNoServiceLeft(self.app, within=deadline - time.monotonic() + 15)
+
+    def test_node_labels_place_the_one_off(self):
+        node = [n for n in self.cluster.nodes.values()
+                if n["Description"]["Hostname"] == self.cluster.hostnames[2]][0]
+        label = "convox-test-%s" % RUN_ID
+        self.label_node(node["ID"], {label: "yes"})
+        result = self.convox("-a", self.app, "run", "--detach", "--node-labels",
+                             "%s=yes" % label, "web", "true")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        ident = result.stdout.split()[-1].decode()
+        found = [p for p in self.ps_json("--all") if p["id"].startswith(ident)]
+        self.assertEqual(found[0]["node"], self.cluster.hostnames[2])
+        self.convox("-a", self.app, "ps", "stop", ident)
+        # No node has it: one error line, nothing left behind.
+        result = self.convox("-a", self.app, "run", "--node-labels", "%s=no" % label,
+                             "web", "true")
+        self.assertEqual(result.returncode, 125, result.stderr)
+        self.assertIn(b"no node can run the one-off", result.stderr)
+        self.assertNoServiceLeft(self.app, within=2)
+
+    def label_node(self, node_id, labels):
+        def update(new):
+            node = self.manager.request("GET", "/nodes/%s" % node_id)
+            spec = node["Spec"]
+            spec["Labels"] = new
+            self.manager.request("POST", "/nodes/%s/update" % node_id,
+                                 {"version": node["Version"]["Index"]}, body=spec)
+        old = dict(self.manager.request("GET", "/nodes/%s" % node_id)["Spec"].get("Labels")
+                   or {})
+        update(dict(old, **labels))
+        self.addCleanup(update, old)
+
+    def test_tty_under_a_pty(self):
+        session = self.pty("-a", self.app, "run", "web", "sh", rows=21, cols=66)
+        session.send("tty; stty size; exit 6\r")
+        session.expect(r"/dev/pts/\d+")
+        session.expect(r"21 66")
+        self.assertEqual(session.wait(), 6)
+        self.assertEqual(session.attrs(), session.initial_attrs)
+        self.assertNoServiceLeft(self.app, within=0.5)
 
 
 # ==========================================================================================
