@@ -1240,6 +1240,9 @@ class EngineRack:
         return run_one_off(ctx, template, command, app=app, service=service, image=image,
                            release=release, entrypoint=entrypoint)
 
+    def close(self):
+        """End what the rack opened besides its engine (on one engine: nothing)."""
+
     def stop(self, process):
         """Stop a process (10 s grace); a one-off is removed too."""
         self.engine.stop(process.id)
@@ -1412,6 +1415,11 @@ class SwarmRack(EngineRack):
                 "cannot reach node %s at %s: %s — set CONVOX_NODE_RACK to a rack URL that "
                 "reaches every node, e.g. ssh://USER@{addr}" % (hostname, url, exc))
         return engine
+
+    def close(self):
+        for engine in self._node_engines.values():
+            engine.close()
+            engine.rack.close()
 
     def stop(self, process):
         """Stop the task's container through its node: Swarm replaces a service's task; a
@@ -5098,6 +5106,8 @@ class Context:
         self.stdout.flush()
 
     def close(self):
+        if self._rack is not None:
+            self._rack.close()
         if self._engine is not None:
             self._engine.close()
             self._engine.rack.close()
