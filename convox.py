@@ -842,7 +842,8 @@ class Engine:
             return json.loads(data.decode("utf-8"))
         except (ValueError, RecursionError):  # RecursionError: nested 100,000 deep
             raise EngineError("the engine sent a response that is not JSON (or is nested too "
-                              "deeply) for %s %s" % (method, path))
+                              "deeply) for %s %s — check that the rack is a Docker Engine "
+                              "API" % (method, path))
 
     def hijack(self, path, body=None, query=None):
         """POST with ``Upgrade: tcp`` and take over the socket once the engine answers 101.
