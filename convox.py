@@ -4623,64 +4623,117 @@ def _may_reinclude(excluded, rel_dir):
     return False
 
 
-def _walk_context(root, rel_dir, excluded):
-    """Yield (relpath, fullpath, lstat) for everything to send, in sorted depth-first order."""
-    full_dir = os.path.join(root, rel_dir) if rel_dir else root
+#: How the walk opens what lstat listed: never through a link (a file swapped for a link
+#: to /etc/shadow between the two would put it in the tar), never blocking (a fifo).
+_OPEN_ENTRY = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _walk_error(display, exc):
+    return ManifestError('cannot read %s: %s — fix its permissions or add it to '
+                         '.dockerignore' % (display, exc.strerror or exc))
+
+
+def _changed(display, exc=None):
+    """The error for an entry that is no longer what the listing saw (or any other error)."""
+    if exc is not None and exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO,
+                                             errno.EINVAL):
+        return _walk_error(display, exc)
+    return ManifestError('%s changed while the build context was read — try again once '
+                         'nothing is moving files in it' % display)
+
+
+def _open_entry(dir_fd, name, listed, display):
+    """What to send of an entry that lstat ``listed`` -> (fd or link target, stat), or None
+    when it is gone.  Files and folders are opened relative to their folder's fd, without
+    following a link and without blocking, and must be what lstat saw (device, inode and
+    type): what is read is inside the context whatever renames things meanwhile."""
     try:
-        names = sorted(os.listdir(full_dir))
-    except OSError as e:
-        raise ManifestError('cannot read %s: %s' % (_display_path(full_dir), e.strerror or e))
+        if stat.S_ISLNK(listed.st_mode):
+            return os.readlink(name, dir_fd=dir_fd), listed  # EINVAL: no longer a link
+        flags = _OPEN_ENTRY | (os.O_DIRECTORY if stat.S_ISDIR(listed.st_mode) else 0)
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _changed(display, exc)
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino, stat.S_IFMT(now.st_mode)) != (
+            listed.st_dev, listed.st_ino, stat.S_IFMT(listed.st_mode)):
+        os.close(fd)
+        raise _changed(display)
+    return fd, now
+
+
+def _walk_context(dir_fd, rel_dir, excluded, display_root):
+    """Yield (relpath, stat, fd or link target) for everything to send, in sorted depth-first
+    order; an fd stays open until the next item is asked for.  Errors are local ones
+    (ManifestError) that name the entry; what vanishes meanwhile is left out."""
+    try:
+        names = sorted(os.listdir(dir_fd))
+    except OSError as exc:
+        raise _walk_error(os.path.join(display_root, rel_dir), exc)
     for name in names:
         rel = rel_dir + '/' + name if rel_dir else name
-        full = os.path.join(full_dir, name)
-        st = os.lstat(full)
-        is_dir = st.st_mode & _S_IFMT == _S_IFDIR
-        if excluded(rel):
-            if is_dir and _may_reinclude(excluded, rel):
-                for item in _walk_context(root, rel, excluded):
-                    yield item
+        display = os.path.join(display_root, rel)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
             continue
-        yield rel, full, st
-        if is_dir:
-            for item in _walk_context(root, rel, excluded):
-                yield item
+        except OSError as exc:
+            raise _walk_error(display, exc)
+        kind, skip = stat.S_IFMT(st.st_mode), excluded(rel)
+        descend = kind == stat.S_IFDIR and (not skip or _may_reinclude(excluded, rel))
+        if not descend and (skip or kind not in (stat.S_IFREG, stat.S_IFLNK)):
+            continue  # ignored; sockets, fifos and devices do not belong in a context
+        opened = _open_entry(dir_fd, name, st, display)
+        if opened is None:
+            continue
+        content, st = opened
+        if kind == stat.S_IFLNK:
+            yield rel, st, content
+            continue
+        try:
+            if not skip:
+                yield rel, st, content
+            if descend:
+                for item in _walk_context(content, rel, excluded, display_root):
+                    yield item
+        finally:
+            os.close(content)
 
 
-def _tar_member(tarfile, rel, full, st):
-    """Yield the tar header and (for files) the padded contents of one entry."""
+def _tar_member(tarfile, rel, st, content):
+    """Yield the tar header and (for files, ``content`` an fd) the padded contents."""
     info = tarfile.TarInfo(rel)
     info.mode = st.st_mode & 0o7777
     info.mtime = int(st.st_mtime)
     info.uid = info.gid = 0
     info.uname = info.gname = ''
-    fmt = st.st_mode & _S_IFMT
-    if fmt == _S_IFLNK:
-        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(full)
-    elif fmt == _S_IFDIR:
+    kind = stat.S_IFMT(st.st_mode)
+    if kind == stat.S_IFLNK:
+        info.type, info.linkname = tarfile.SYMTYPE, content
+    elif kind == stat.S_IFDIR:
         info.type = tarfile.DIRTYPE
-    elif fmt == _S_IFREG:
-        info.type, info.size = tarfile.REGTYPE, st.st_size
     else:
-        return  # sockets, fifos and devices do not belong in a build context
+        info.type, info.size = tarfile.REGTYPE, st.st_size
     yield info.tobuf(tarfile.PAX_FORMAT, 'utf-8', 'surrogateescape')
     if info.type == tarfile.REGTYPE:
-        for piece in _file_pieces(full, info.size):
+        for piece in _file_pieces(content, info.size, rel):
             yield piece
 
 
-def _file_pieces(full, size):
+def _file_pieces(fd, size, display):
     """Yield exactly `size` bytes of a file (zero-padded if it shrank) plus tar block padding."""
     remaining = size
     try:
-        with open(full, 'rb') as f:
-            while remaining > 0:
-                data = f.read(min(_TAR_CHUNK, remaining))
-                if not data:
-                    break
-                remaining -= len(data)
-                yield data
-    except OSError as e:
-        raise ManifestError('cannot read %s: %s' % (_display_path(full), e.strerror or e))
+        while remaining > 0:
+            data = os.read(fd, min(_TAR_CHUNK, remaining))
+            if not data:
+                break
+            remaining -= len(data)
+            yield data
+    except OSError as exc:
+        raise _walk_error(display, exc)
     if remaining:
         yield b'\0' * remaining
     if size % 512:
@@ -4690,13 +4743,20 @@ def _file_pieces(full, size):
 def _tar_stream(root, excluded):
     """Generate the tar archive in chunks of about 64 KiB."""
     import tarfile
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _walk_error(_display_path(root), exc)
     buf = bytearray()
-    for rel, full, st in _walk_context(root, '', excluded):
-        for piece in _tar_member(tarfile, rel, full, st):
-            buf += piece
-            if len(buf) >= _TAR_CHUNK:
-                yield bytes(buf)
-                del buf[:]
+    try:
+        for rel, st, content in _walk_context(root_fd, '', excluded, _display_path(root)):
+            for piece in _tar_member(tarfile, rel, st, content):
+                buf += piece
+                if len(buf) >= _TAR_CHUNK:
+                    yield bytes(buf)
+                    del buf[:]
+    finally:
+        os.close(root_fd)
     buf += b'\0' * 1024  # end-of-archive marker: two empty blocks
     yield bytes(buf)
 

@@ -2842,6 +2842,90 @@ class TarContextTest(unittest.TestCase):
         with self.assertRaises(convox.ManifestError):
             convox.tar_context(os.path.join(self.dir, 'nope'))  # raised at call time, not iteration
 
+    # A process that swaps, over and over, 20 files of the context for links to a secret
+    # outside it, and a folder for a link to the secret's folder.  A process, not a thread:
+    # a thread only runs while the walk lets go of the GIL, and then hardly ever hits the
+    # window between lstat and open (0 leaks in 1,000 walks, against 38 with a process).
+    FLIPPER = r"""
+import os, sys
+top, ctx = sys.argv[1], os.path.join(sys.argv[1], "context")
+secret = os.path.join(top, "outside")
+while True:
+    for k in range(20):
+        os.symlink(os.path.join(secret, "f"), os.path.join(top, "link"))
+        os.rename(os.path.join(top, "link"), os.path.join(ctx, "f%d" % k))
+    os.rename(os.path.join(ctx, "d"), os.path.join(top, "real"))
+    os.symlink(secret, os.path.join(top, "dlink"))
+    os.rename(os.path.join(top, "dlink"), os.path.join(ctx, "d"))
+    for k in range(20):
+        open(os.path.join(top, "file"), "w").write("public")
+        os.rename(os.path.join(top, "file"), os.path.join(ctx, "f%d" % k))
+    os.unlink(os.path.join(ctx, "d"))
+    os.rename(os.path.join(top, "real"), os.path.join(ctx, "d"))
+"""
+
+    def test_swapped_files_never_leak(self):
+        """1,000 walks while files and a folder are swapped for links to a secret: the
+        secret is never in the tar, and a walk that meets a swap fails with a local error."""
+        top = tempfile.mkdtemp(prefix='context-race-')
+        self.addCleanup(shutil.rmtree, top)
+        context, outside = os.path.join(top, 'context'), os.path.join(top, 'outside')
+        os.makedirs(os.path.join(context, 'd'))
+        os.mkdir(outside)
+        for path, text in [(os.path.join(outside, 'f'), 'SECRET'), (os.path.join(context, 'd', 'f'),
+                           'public'), (os.path.join(context, 'Dockerfile'), 'FROM scratch\n')] + \
+                [(os.path.join(context, 'f%d' % k), 'public') for k in range(20)]:
+            with open(path, 'w') as handle:
+                handle.write(text)  # as long as the secret: a leak is not cut short
+        flipper = subprocess.Popen([sys.executable, '-c', self.FLIPPER, top])
+        self.addCleanup(flipper.wait)
+        self.addCleanup(flipper.kill)
+        leaks, failures, errors = 0, 0, set()
+        for _ in range(1000):
+            try:
+                leaks += b'SECRET' in b''.join(convox.tar_context(context))
+            except convox.ManifestError as exc:
+                failures += 1
+                self.assertRegex(str(exc), r'(changed while the build context was read|'
+                                           r'cannot read).* — ')
+            except Exception as exc:  # not local: would read as a broken engine stream
+                errors.add(repr(exc))
+        self.assertIsNone(flipper.poll(), 'the flipper stopped')
+        sys.stderr.write('test: 1000 walks, %d leaks, %d ended with a local error\n'
+                         % (leaks, failures))
+        self.assertEqual((leaks, sorted(errors)), (0, []))
+        self.assertLess(failures, 500)
+
+    def test_walk_errors_are_local(self):
+        """A folder the user may list but not enter: the build fails naming it, as a local
+        error, not as "the build stream from the engine broke"."""
+        if os.geteuid() != 0:
+            self.skipTest('needs root to run the walk as another user')
+        os.chmod(self.dir, 0o755)
+        self.write('Dockerfile', b'FROM scratch\n')
+        self.write('locked/file')
+        os.chmod(os.path.join(self.dir, 'locked'), 0o644)  # r without x: lstat inside fails
+        engine = FakeEngine()
+        self.addCleanup(engine.close)
+        os.chmod(engine.folder, 0o755)
+        os.chmod(engine.url[len('unix://'):], 0o777)
+        folder = tempfile.mkdtemp()  # nobody can read neither root's pyenv nor a 0700 folder
+        self.addCleanup(shutil.rmtree, folder)
+        os.chmod(folder, 0o755)
+        shutil.copy(CONVOX, folder)
+        python = '/usr/bin/python3' if os.path.exists('/usr/bin/python3') else sys.executable
+        script = ('import sys; sys.path.insert(0, %r); import convox\n'
+                  'engine = convox.Engine(convox.parse_rack(%r), {})\n'
+                  'try:\n'
+                  '    list(engine.build(convox.tar_context(%r), {}))\n'
+                  'except convox.ConvoxError as exc:\n'
+                  '    print(type(exc).__name__, exc)\n' % (folder, engine.url, self.dir))
+        result = subprocess.run(['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups',
+                                 python, '-c', script], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=60)
+        self.assertRegex(result.stdout.decode(), r'^ManifestError cannot read .*locked/file: '
+                                                 r'Permission denied — ', result.stderr)
+
 
 
 
