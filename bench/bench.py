@@ -38,6 +38,13 @@ Workloads (names for --only):
     tty     keystroke echo latency through exec under a pty (into cat), p50/p95
     rss     peak RSS of the stdout workload at a small and a big size (must be flat)
 
+Only when named (they bring up a Swarm of three private dockerds in network namespaces,
+as the tests do: root, ip, nsenter, unshare; the host's engine is not touched):
+
+    swarm-ps    convox ps of a service with 50 tasks on 3 nodes vs docker service ps
+    swarm-exec  convox exec ID true into a task on a worker node, through the manager's
+                rack, vs docker -H tcp://NODE:2375 exec CONTAINER true
+
 docker-py is installed with pip into a throwaway venv under the temp folder (reused by later
 runs; never inside the repository), made with --system-site-packages so that it starts up as
 the interpreter running convox.py does.  When that fails it is skipped with a note; --quick
@@ -74,7 +81,9 @@ import convox  # noqa: E402  (the engine client; the tool under test runs as a s
 
 BENCH_LABEL = "convox.bench"
 MIB = 1024 * 1024
-WORKLOADS = ("ps", "exec", "stdout", "stdin", "run", "tty", "rss")
+WORKLOADS = ("ps", "exec", "stdout", "stdin", "run", "tty", "rss", "swarm-ps", "swarm-exec")
+#: What a run without --only runs.
+DEFAULT_WORKLOADS = WORKLOADS[:7]
 
 
 class BenchError(Exception):
@@ -521,6 +530,8 @@ class Bench:
                          "XDG_CACHE_HOME": os.path.join(self.tmp, "cache")})
         self.docker = shutil.which("docker")
         self.docker_py = None
+        self.swarm = None  # a Swarm of our own, for the swarm-* workloads
+        self.swarm_env = None
         self.python = sys.executable
         # Read once: convox.py may change under a long run (others edit it).
         self.modules = startup_imports()
@@ -609,6 +620,10 @@ class Bench:
         """Remove every container and image of this run (and the temp folder)."""
         killed = kill_children()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.swarm is not None:
+            left = self.swarm.close()
+            if left:
+                sys.stderr.write("bench: the Swarm left: %s\n" % ", ".join(left))
         engine = self.engine_for_thread() if self.engine.version else self.engine
         # A client killed in the middle of a create (docker run, convox run) can leave a
         # container that shows up only after the first sweep: sweep again a moment later.
@@ -939,9 +954,90 @@ def workload_rss(bench):
 
 
 #: The workloads by name, in the order they run.
+def swarm(bench):
+    """The bench's Swarm (the tests' SwarmCluster), brought up on first use."""
+    if bench.swarm is None:
+        import test_convox
+        progress("bringing up a Swarm of three private dockerds")
+        cluster = test_convox.SwarmCluster()
+        cluster.start("convox-bench:%s" % bench.run_id,
+                      files={"busybox": shutil.which("busybox") or "/bin/busybox"})
+        bench.swarm = cluster
+        bench.swarm_env = dict(bench.env, CONVOX_RACK=cluster.tcp_url(0),
+                               DOCKER_HOST=cluster.tcp_url(0))
+        progress("Swarm up in %.1f s" % cluster.bring_up)
+    return bench.swarm
+
+
+def swarm_service(bench, replicas):
+    """The app's service web with ``replicas`` running tasks; -> (ID, its running tasks)."""
+    cluster = swarm(bench)
+    manager = cluster.engines[0]
+    name = "%s-web" % bench.app
+    services = manager.request("GET", "/services", {"filters": {"name": [name]}})
+    spec = {"Name": name, "Labels": {convox.LABEL_APP: bench.app,
+                                     convox.LABEL_SERVICE: "web"},
+            "TaskTemplate": {"ContainerSpec": {"Image": cluster.image,
+                                               "Args": ["sleep", "3600"], "Init": True}},
+            "Mode": {"Replicated": {"Replicas": replicas}}, "EndpointSpec": {"Mode": "dnsrr"}}
+    if services:
+        spec["TaskTemplate"]["ForceUpdate"] = 0
+        manager.request("POST", "/services/%s/update" % services[0]["ID"],
+                        {"version": services[0]["Version"]["Index"]}, body=spec)
+        ident = services[0]["ID"]
+    else:
+        ident = manager.request("POST", "/services/create", body=spec)["ID"]
+    end = time.monotonic() + 300
+    while time.monotonic() < end:
+        tasks = manager.request("GET", "/tasks", {"filters": {
+            "service": [ident], "desired-state": ["running"]}})
+        running = [t for t in tasks if t["Status"]["State"] == "running"]
+        if len(running) == replicas == len(tasks):
+            return ident, running
+        time.sleep(0.2)
+    raise BenchError("%d tasks did not start on the Swarm within 300 s" % replicas)
+
+
+def workload_swarm_ps(bench, count=50):
+    s = bench.settings
+    _, tasks = swarm_service(bench, count)
+    env = bench.swarm_env
+    nodes = len({t["NodeID"] for t in tasks})
+    contenders = [Contender("convox", "convox ps (by name), %d tasks" % count,
+                            lambda: measure(bench.convox("ps"), env))]
+    contenders += peers(bench, docker_cli=(
+        "docker service ps APP-web --filter desired-state=running",
+        lambda: measure(bench.docker_cli("service", "ps", "--filter",
+                                         "desired-state=running", bench.app + "-web"), env)))
+    case = "%d tasks on %d nodes" % (count, nodes)
+    samples = alternate("swarm-ps, " + case, contenders, s.pairs, s.warmup)
+    return summarise("swarm-ps", case, contenders, samples)
+
+
+def workload_swarm_exec(bench):
+    s = bench.settings
+    _, tasks = swarm_service(bench, 3)
+    cluster = bench.swarm
+    manager_node = cluster.nodes[cluster.hostnames[0]]["ID"]
+    task = [t for t in tasks if t["NodeID"] != manager_node][0]
+    container = task["Status"]["ContainerStatus"]["ContainerID"]
+    node_addr = [n["Status"]["Addr"] for n in cluster.nodes.values()
+                 if n["ID"] == task["NodeID"]][0]
+    env = bench.swarm_env
+    contenders = [Contender("convox", "convox exec ID true (a worker's task, via the manager)",
+                            lambda: measure(bench.convox("exec", container[:12], "true"), env))]
+    contenders += peers(bench, docker_cli=(
+        "docker -H tcp://NODE:2375 exec ID true",
+        lambda: measure(bench.docker_cli("-H", "tcp://%s:2375" % node_addr, "exec",
+                                         container, "true"), env)))
+    samples = alternate("swarm-exec round trip", contenders, s.pairs, s.warmup)
+    return summarise("swarm-exec", "cross-node round trip", contenders, samples)
+
+
 RUNNERS = {"ps": workload_ps, "exec": workload_exec, "stdout": workload_stdout,
            "stdin": workload_stdin, "run": workload_run, "tty": workload_tty,
-           "rss": workload_rss}
+           "rss": workload_rss, "swarm-ps": workload_swarm_ps,
+           "swarm-exec": workload_swarm_exec}
 
 
 # ==========================================================================================
@@ -1129,7 +1225,7 @@ def parse_args(argv):
     if unknown:
         parser.error("unknown workload %s; the workloads are %s" % (
             ", ".join(unknown), ", ".join(WORKLOADS)))
-    args.only = only or list(WORKLOADS)
+    args.only = only or list(DEFAULT_WORKLOADS)
     return args
 
 
