@@ -4714,6 +4714,14 @@ class RunTest(RunTestCase):
         self.assertNoneLeft(app)
         self.assertNoWatchdog(app)
 
+    def test_node_labels_need_a_swarm(self):
+        app = app_name("runnodes")
+        self.container(app, "web")
+        result = self.convox("-a", app, "run", "--node-labels", "disk=ssd", "web", "true")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn(b"--node-labels places a one-off on Swarm nodes", result.stderr)
+        self.assertNoneLeft(app)
+
     def test_gone_when_the_command_returns(self):
         # As after docker run --rm: when run returns, its one-off no longer exists (the
         # engine's AutoRemove may still be at work when the process's status arrives).
@@ -5890,6 +5898,15 @@ class SwarmRunTest(SwarmAppTestCase):
                    or {})
         update(dict(old, **labels))
         self.addCleanup(update, old)
+
+    def test_ctrl_c_leaves_no_service(self):
+        session = self.pty("-a", self.app, "run", "--no-tty", "web", "sh", "-c",
+                           "echo ready; sleep 60")
+        session.expect("ready")
+        self.assertTrue(self.services_of(self.app))
+        session.send("\x03")
+        self.assertEqual(session.wait(), 130)
+        self.assertNoServiceLeft(self.app, within=0.5)
 
     def test_tty_under_a_pty(self):
         session = self.pty("-a", self.app, "run", "web", "sh", rows=21, cols=66)
