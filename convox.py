@@ -86,6 +86,7 @@ if _SIGINT_DEFERRED:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
+import collections
 import errno
 import http.client
 import json
@@ -3257,60 +3258,103 @@ def parse_yaml(text, filename):
 
 # ---------------------------------------------------------------- .env files
 
-_ENV_LINE = r'(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_.-]*)[ \t]*=[ \t]*(.*)\Z'
-_ENV_DQ_ESCAPES = {'n': '\n', 'r': '\r', 't': '\t', '"': '"', '\\': '\\', '$': '$'}
+# Compose's dotenv rules (compose-go's dotenv parser): KEY=VALUE, KEY: VALUE, "export KEY=",
+# a bare KEY (taken from the environment), quotes that may span lines, " #" comments after
+# unquoted values, and ${VAR} expansion in unquoted and double-quoted values. One pass over
+# the text: a quote that is never closed costs one scan, not one per line.
+_ENV_SPACE = re.compile(r'\s*')
+_ENV_INLINE_SPACE = re.compile('[ \t\v\f\r\x85\xa0]*')
+_ENV_EXPORT = re.compile('export[ \t\v\f\r\x85\xa0]+')
+_ENV_KEY_RUN = re.compile('[\\w.\\-\\[\\] \t\v\f\r\x85\xa0]*')
+_ENV_QUOTE_STOP = {'"': re.compile(r'[\\"]'), "'": re.compile(r"[\\']")}
+#: Escapes decoded in double quotes; \$ stays a literal $ (compose turns it into $$).
+_ENV_ESCAPES = re.compile(r'\\(?:([abfnrtv"\\])|(\$)|0([0-7]{3}))')
+_ENV_ESCAPE_CHARS = {'a': '\a', 'b': '\b', 'f': '\f', 'n': '\n', 'r': '\r', 't': '\t',
+                     'v': '\v', '"': '"', '\\': '\\'}
 
 
-def _env_unquote(text):
-    """Split a quoted .env value from what follows it; return (value, rest) or None if unclosed."""
-    quote = text[0]
-    out = []
-    k = 1
-    while k < len(text):
-        ch = text[k]
-        if ch == quote:
-            return ''.join(out), text[k + 1:]
-        if ch == '\\' and quote == '"' and k + 1 < len(text):
-            code = text[k + 1]
-            out.append(_ENV_DQ_ESCAPES.get(code, '\\' + code))
-            k += 2
+def _env_escape(match):
+    """One double-quoted escape of a .env value."""
+    if match.group(2):
+        return '$$'
+    if match.group(3):
+        return chr(int(match.group(3), 8))
+    return _ENV_ESCAPE_CHARS[match.group(1)]
+
+
+def parse_env_file(text, filename, environ=None, known=None):
+    """Parse a .env file into a dict. ${VAR} and $VAR read `environ` first, then `known` (the
+    values already set, e.g. the service's environment), then the file's earlier lines —
+    compose's order."""
+    out = {}
+    lookup = collections.ChainMap(environ or {}, known or {}, out)
+    if text.startswith('\ufeff'):
+        text = text[1:]
+    pos, line, counted = 0, 1, 0
+    while True:
+        pos = _ENV_SPACE.match(text, pos).end()
+        line += text.count('\n', counted, pos)
+        counted = pos
+        if pos >= len(text):
+            return out
+        if text[pos] == '#':
+            pos = text.find('\n', pos)
+            if pos < 0:
+                return out
             continue
-        out.append(ch)
-        k += 1
-    return None
-
-
-def parse_env_file(text, filename):
-    """Parse a .env file (KEY=VALUE lines) into a dict."""
-    result = {}
-    lines = text.lstrip('\ufeff').replace('\r\n', '\n').split('\n')
-    i = 0
-    while i < len(lines):
-        lineno = i + 1
-        line = lines[i].strip()
-        i += 1
-        if not line or line.startswith('#'):
+        start = pos
+        export = _ENV_EXPORT.match(text, pos)
+        if export:
+            pos = export.end()
+        end = _ENV_KEY_RUN.match(text, pos).end()
+        where = '%s:%d' % (filename, line)
+        stop = text[end:end + 1]
+        if stop not in ('=', ':', '\n', ''):
+            raise ManifestError('%s: unexpected character %r in variable name %r — use KEY=VALUE'
+                                % (where, stop, text[start:].split('\n', 1)[0]))
+        key = text[pos:end].strip()
+        if re.search(r'\s', key):
+            raise ManifestError('%s: a variable name cannot contain a space (%r) — use KEY=VALUE'
+                                % (where, key))
+        if stop in ('\n', ''):  # a bare KEY: its value comes from the environment, if set
+            if key in (environ or {}):
+                out[key] = environ[key]
+            pos = end
             continue
-        m = re.match(_ENV_LINE, line)
-        if not m:
-            raise ManifestError('%s:%d: expected KEY=VALUE, got %r' % (filename, lineno, line))
-        key, value = m.group(1), m.group(2)
-        if value[:1] in ('"', "'"):
-            parsed = _env_unquote(value)
-            while parsed is None and i < len(lines):  # quoted values may span lines
-                value += '\n' + lines[i]
-                i += 1
-                parsed = _env_unquote(value)
-            if parsed is None:
-                raise ManifestError('%s:%d: unterminated quoted value for %s' % (filename, lineno, key))
-            value, rest = parsed
-            if not _is_comment_rest(rest):
-                raise ManifestError('%s:%d: unexpected text after the closing quote' % (filename, lineno))
+        pos = _ENV_INLINE_SPACE.match(text, end + 1).end()
+        quote = text[pos:pos + 1]
+        if quote in _ENV_QUOTE_STOP:
+            value, pos = _env_quoted(text, pos, where, key)
+            if quote == "'":
+                out[key] = value
+                continue
+            value = _ENV_ESCAPES.sub(_env_escape, value)
         else:
-            comment = re.search(r'[ \t]#', value)  # "#" starts a comment only after a space
-            value = (value[:comment.start()] if comment else value).strip()
-        result[key] = value
-    return result
+            eol = text.find('\n', pos)
+            eol = len(text) if eol < 0 else eol
+            value = text[pos:eol].split(' #', 1)[0].rstrip()
+            pos = eol
+        out[key] = _interpolate_str(value, lookup, where, [], False)
+
+
+def _env_quoted(text, pos, where, key):
+    """Scan the quoted value at text[pos]; -> (value with escapes still in, end)."""
+    quote = text[pos]
+    finder = _ENV_QUOTE_STOP[quote]
+    pieces = []
+    k = pos + 1
+    while True:
+        m = finder.search(text, k)
+        if m is None or (text[m.start()] == '\\' and m.start() + 1 == len(text)):
+            raise ManifestError('%s: unterminated quoted value for %s — add the closing %s'
+                                % (where, key, quote))
+        j = m.start()
+        pieces.append(text[k:j])
+        if text[j] == quote:
+            return ''.join(pieces), j + 1
+        escaped = text[j + 1]  # a backslash: \<quote> is the quote, anything else stays as is
+        pieces.append(escaped if escaped == quote else '\\' + escaped)
+        k = j + 2
 
 
 # ---------------------------------------------------------------- interpolation
@@ -3326,26 +3370,28 @@ INTERPOLATION_DEPTH = 32
 
 def _closing_brace(text, start):
     """Index of the '}' closing the '${' whose body starts at `start`; -1 when there is none,
-    -2 when '${' nests deeper than INTERPOLATION_DEPTH before it."""
+    -2 when '${' nests deeper than INTERPOLATION_DEPTH before it. Every '{' opens a level,
+    as compose counts them, so ${V:-{"json":1}} keeps its braces."""
     depth = 1
-    k = start
-    while k < len(text):
-        if text.startswith('${', k):
+    for k in range(start, len(text)):
+        if text[k] == '{':
             depth += 1
-            if depth > INTERPOLATION_DEPTH:
+            if depth > INTERPOLATION_DEPTH and text[k - 1] == '$':
                 return -2
-            k += 2
-            continue
-        if text[k] == '}':
+        elif text[k] == '}':
             depth -= 1
             if depth == 0:
                 return k
-        k += 1
-    return -1
+    return text.find('}', start)  # unbalanced: compose falls back to the first '}'
 
 
 def _interpolate_braced(body, variables, filename, missing, braces_only):
     """Evaluate the inside of one ${...} expression."""
+    if braces_only:  # convox.yml: Convox's rule, ${ANYTHING} is that variable's value or nothing
+        value = variables.get(body)
+        if value is None:
+            missing.append(body)
+        return value or ''
     m = re.match(_INTERP_BRACED, body, re.S)
     if not m:
         raise ManifestError('%s: invalid interpolation "${%s}" — use ${NAME}, ${NAME:-default} or '
@@ -3363,8 +3409,9 @@ def _interpolate_braced(body, variables, filename, missing, braces_only):
     if op[-1] == '+':
         return _interpolate_str(arg, variables, filename, missing, braces_only) if is_set else ''
     if not is_set:  # ? and :?
-        detail = ': ' + arg if arg else ''
-        raise ManifestError('%s: required variable %s is missing a value%s' % (filename, name, detail))
+        detail = _interpolate_str(arg, variables, filename, missing, braces_only)
+        raise ManifestError('%s: required variable %s is missing a value%s'
+                            % (filename, name, ': ' + detail if detail else ''))
     return value
 
 
@@ -3382,11 +3429,14 @@ def _interpolate_str(text, variables, filename, missing, braces_only):
         out.append(text[k:dollar])
         nxt = text[dollar + 1:dollar + 2]
         if nxt == '{':
-            end = _closing_brace(text, dollar + 2)
+            end = text.find('}', dollar) if braces_only else _closing_brace(text, dollar + 2)
             if end == -2:
                 raise ManifestError('%s: "${" nested more than %d deep — simplify the '
                                     'defaults' % (filename, INTERPOLATION_DEPTH))
             if end < 0:
+                if braces_only:  # convox leaves what its pattern does not match
+                    out.append(text[dollar:])
+                    break
                 raise ManifestError('%s: unterminated "${" in %r — close it with "}" or write $$ '
                                     'for a literal $' % (filename, text))
             out.append(_interpolate_braced(text[dollar + 2:end], variables, filename, missing,
@@ -3423,8 +3473,9 @@ def _interpolate_value(value, variables, filename, missing, braces_only):
 
 def interpolate(value, variables, filename, braces_only=False):
     """Substitute ${VAR}-style variables compose-style; return (new_value, missing_names)."""
-    # braces_only=True is convox.yml's rule: only ${...} is replaced, while $VAR and $$ are left
-    # for the container's shell (convox's own interpolate() matches just \$\{([^}]*?)\}).
+    # braces_only=True is convox.yml's rule: each ${...} (up to the first "}") is replaced by
+    # the variable of that name or by nothing, while $VAR and $$ are left for the container's
+    # shell (convox's own interpolate() matches just \$\{([^}]*?)\}).
     missing = []
     result = _interpolate_value(value, variables, filename, missing, braces_only)
     unique = []
@@ -4087,8 +4138,9 @@ def _compose_volumes(value, ctx, where):
     return out
 
 
-def _compose_env_files(value, ctx, where):
-    """Merge env_file files in order (later files win)."""
+def _compose_env_files(value, ctx, where, service_env):
+    """Merge env_file files in order (later files win); ${VAR} in them reads the project's
+    variables, then the service's environment, then earlier values (compose's order)."""
     entries = value if isinstance(value, list) else [value]
     out = {}
     for entry in entries:
@@ -4102,7 +4154,8 @@ def _compose_env_files(value, ctx, where):
             if required:
                 raise ctx.error(where, 'file %s not found' % display)
             continue
-        out.update(parse_env_file(_read_text(path, display), display))
+        out.update(parse_env_file(_read_text(path, display), display, ctx.variables,
+                                  collections.ChainMap(service_env, out)))
     return out
 
 
@@ -4188,7 +4241,7 @@ def _compose_memory_from_deploy(value, ctx, where):
 def _compose_service(name, where, spec, ctx):
     """Build one Service from a compose service mapping."""
     svc = Service(name)
-    env_files, env = {}, {}
+    env_files, env = None, {}
     deploy_memory = None
     for key, value in spec.items():
         key = _key_str(key, ctx, where)
@@ -4202,7 +4255,7 @@ def _compose_service(name, where, spec, ctx):
         elif key == 'environment':
             env = _compose_kv_list(value, ctx, at, ctx.variables.get)
         elif key == 'env_file':
-            env_files = _compose_env_files(value, ctx, at)
+            env_files = (value, at)  # read below, once the service's environment is known
         elif key == 'ports':
             svc.ports = _compose_ports(value, ctx, at)
         elif key == 'volumes':
@@ -4230,8 +4283,8 @@ def _compose_service(name, where, spec, ctx):
     if svc.memory is None:
         svc.memory = deploy_memory
     svc.links = list(dict.fromkeys(svc.links))  # depends_on + links may repeat a name
-    env_files.update(env)
-    svc.environment = env_files
+    svc.environment = _compose_env_files(env_files[0], ctx, env_files[1], env) if env_files else {}
+    svc.environment.update(env)
     return svc
 
 
@@ -4320,7 +4373,7 @@ def read_dotenv(directory, environ):
     if not os.path.isfile(path):
         return {}
     display = _display_path(path)
-    return parse_env_file(_read_text(path, display), display)
+    return parse_env_file(_read_text(path, display), display, environ)
 
 
 def load_manifest(path, environ):

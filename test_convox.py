@@ -1892,12 +1892,114 @@ class EnvFileTest(unittest.TestCase):
         })
 
     def test_errors(self):
-        for text, line in [('A=1\nnot a pair\n', 2), ('A=1\n\n=novalue\n', 3),
-                           ('A="unterminated\nB=2\n', 1), ("A='x' junk\n", 1)]:
+        for text, line, fragment in [
+                ('A=1\nnot a pair\n', 2, "cannot contain a space ('not a pair')"),
+                ('A=1\nlol$wut\n', 2, "unexpected character '$' in variable name 'lol$wut'"),
+                ('A="unterminated\nB=2\n', 1, 'unterminated quoted value for A — add the closing "'),
+                ('A=1\n\nB="${X:?needs X}"\n', 3, 'required variable X is missing a value: needs X')]:
             with self.subTest(text):
                 with self.assertRaises(convox.ManifestError) as caught:
                     convox.parse_env_file(text, '.env')
                 self.assertTrue(str(caught.exception).startswith('.env:%d: ' % line))
+                self.assertIn(fragment, str(caught.exception))
+
+    # compose-go's dotenv tests (dotenv/godotenv_test.go, parser_test.go and fixtures), in our
+    # own words: (one .env text, key, expected value).
+    COMPOSE_GO_LINES = [
+        ('NAME=value', 'NAME', 'value'), ('NAME =value', 'NAME', 'value'),
+        ('NAME= value', 'NAME', 'value'), ('NAME="value"', 'NAME', 'value'),
+        ("NAME='value'", 'NAME', 'value'), ('NAME="say \\"hi\\""', 'NAME', 'say "hi"'),
+        ('NAME="\\"all\\""', 'NAME', '"all"'), ('NAME="\'in\'"', 'NAME', "'in'"),
+        ('A: 1', 'A', '1'), ('A: x=y', 'A', 'x=y'), ('A=1:B', 'A', '1:B'),
+        ('export A=2', 'A', '2'), ("export B='\\n'", 'B', '\\n'),
+        ('export exportA=2', 'exportA', '2'), ('exportA=2', 'exportA', '2'),
+        ('export_A =2', 'export_A', '2'), ('export.A= 2', 'export.A', '2'),
+        ('export\tA=2', 'A', '2'), ('  export A=2', 'A', '2'), ('\texport A=2', 'A', '2'),
+        ('export A="export B"', 'A', 'export B'),
+        ('A="one\\ntwo"', 'A', 'one\ntwo'), ('A=a\\tb', 'A', 'a\\tb'), ('A="a\\tb"', 'A', 'a\tb'),
+        ('K="1\\a2\\b3\\f4\\n5\\r6\\t7\\v8\\\\9\\0123"', 'K', '1\a2\b3\f4\n5\r6\t7\v8\\9S'),
+        ('A.B=x', 'A.B', 'x'), ('A=x=', 'A', 'x='), ('A=x ', 'A', 'x'),
+        ('A=x # note', 'A', 'x'), ('A=x #note', 'A', 'x'), ('A=x #', 'A', 'x'),
+        ('A=1#not-a-comment', 'A', '1#not-a-comment'), ('A="x#y"', 'A', 'x#y'),
+        ('A="x#y"#', 'A', 'x#y'), ('A="x#y" # note', 'A', 'x#y'), ("A='x#y' # note", 'A', 'x#y'),
+        ('A="x#y#z" # note', 'A', 'x#y#z'),
+        ('A="x\\n\\ y\\az"', 'A', 'x\n\\ y\az'), ('A="x\\\\\\n\\ y\\az"', 'A', 'x\\\n\\ y\az'),
+        ('A="x\\\\r\\ y"', 'A', 'x\\r\\ y'), ('A="x\\ny\\\\"', 'A', 'x\ny\\'),
+        (' A =value', 'A', 'value'), ('   A=value', 'A', 'value'), ('\tA=value', 'A', 'value'),
+        ('K="\\0123"', 'K', 'S'), ('K="\\x07"', 'K', '\\x07'), ('K="\\u12e4"', 'K', '\\u12e4'),
+        ("K='Let\\'s go!'", 'K', "Let's go!"), ('A = "phrase with spaces"', 'A', 'phrase with spaces'),
+        ('A = phrase with è', 'A', 'phrase with è'), ('456 = ABC', '456', 'ABC'),
+        ('A[1]=c', 'A[1]', 'c'), ('árvíz-TŰRŐ=tükör', 'árvíz-TŰRŐ', 'tükör'),
+        ('A="line one\nline two"', 'A', 'line one\nline two'),
+        ("A = 'first\nsecond\nthird'", 'A', 'first\nsecond\nthird'),
+        ('\ufeffA=1', 'A', '1'), ('A=1\r\nB=2\r\n', 'B', '2'),
+        ('FOO="bar" B=1', 'B', '1'),
+    ]
+
+    def test_compose_go_lines(self):
+        for text, key, expected in self.COMPOSE_GO_LINES:
+            with self.subTest(text):
+                self.assertEqual(convox.parse_env_file(text, '.env').get(key), expected)
+
+    def test_ignored_lines(self):
+        for text in ['\n', '\r\n', '\t\t ', '# comment', '\t # comment']:
+            with self.subTest(text):
+                self.assertEqual(convox.parse_env_file(text, '.env'), {})
+
+    def test_unterminated_quotes(self):
+        for text in ['K="', 'K="value', 'K="value\\"', "K=\"value'", "K='", "K='value",
+                     "K='value\\'", "K='value\"", 'K="value\\']:
+            with self.subTest(text):
+                with self.assertRaises(convox.ManifestError) as caught:
+                    convox.parse_env_file(text, '.env')
+                self.assertIn('unterminated quoted value for K', str(caught.exception))
+
+    def test_bare_keys_come_from_the_environment(self):
+        text = 'foo=bar\nFROM_ENV\nbar=baz\nNOT_SET\nLAST'
+        self.assertEqual(convox.parse_env_file(text, '.env', {'FROM_ENV': 'v', 'LAST': 'l'}),
+                         {'foo': 'bar', 'FROM_ENV': 'v', 'bar': 'baz', 'LAST': 'l'})
+
+    def test_expansion(self):
+        cases = [
+            ('FOO=test\nBAR=$FOO', {}, {'FOO': 'test', 'BAR': 'test'}),
+            ('FOO=test\nBAR=${FOO}bar', {}, {'FOO': 'test', 'BAR': 'testbar'}),
+            ('BAR=$FOO', {}, {'BAR': ''}),
+            ('FOO=test\nBAR="quote $FOO"', {}, {'FOO': 'test', 'BAR': 'quote test'}),
+            ("BAR='quote $FOO'", {}, {'BAR': 'quote $FOO'}),
+            ('FOO="foo\\$BAR"', {}, {'FOO': 'foo$BAR'}),
+            ('FOO="foo\\${BAR}"', {}, {'FOO': 'foo${BAR}'}),
+            ('FOO=test\nBAR="foo\\${FOO} ${FOO}"', {}, {'FOO': 'test', 'BAR': 'foo${FOO} test'}),
+            ('TEST=$ME', {'ME': 'YES'}, {'TEST': 'YES'}),
+            ('URL=postgres://${USER}@db/${DB:-app}', {'USER': 'ann'},
+             {'URL': 'postgres://ann@db/app'}),
+            # fixtures/substitutions.env: earlier lines, and the environment before them
+            ('A=1\nB=${A}\nC=$B\nD=${A}_${B}\nE=${NOT_DEFINED}', {},
+             {'A': '1', 'B': '1', 'C': '1', 'D': '1_1', 'E': ''}),
+            ('A=1\nB=${A}\nC=$B\nD=${A}_${B}\nE=${NOT_DEFINED}', {'A': '5'},
+             {'A': '1', 'B': '5', 'C': '5', 'D': '5_5', 'E': ''}),
+            ('A=${A:-1}\nB=${A}\nC=$B\nD=${A}_${B}', {'A': '5'},
+             {'A': '5', 'B': '5', 'C': '5', 'D': '5_5'}),
+            ('A=${A:-1}\nB=${A}\nC=$B\nD=${A}_${B}', {},
+             {'A': '1', 'B': '1', 'C': '1', 'D': '1_1'}),
+            ('TEST_URLS="tcp://a:3333\ntcp://a:443"', {}, {'TEST_URLS': 'tcp://a:3333\ntcp://a:443'}),
+        ]
+        for text, environ, expected in cases:
+            with self.subTest(text):
+                self.assertEqual(convox.parse_env_file(text, '.env', environ), expected)
+
+    def test_unterminated_quote_is_linear(self):
+        # 20,000 lines after an opening quote that never closes: one scan, not one per line
+        # (the line-by-line retry took over 300 s).
+        text = 'A="never closed\n' + 'KEY=value\n' * 20000
+        began = time.monotonic()
+        with self.assertRaises(convox.ManifestError) as caught:
+            convox.parse_env_file(text, '.env')
+        self.assertLess(time.monotonic() - began, 1.0)
+        self.assertTrue(str(caught.exception).startswith('.env:1: unterminated quoted value for A'))
+        began = time.monotonic()
+        self.assertEqual(len(convox.parse_env_file('K%d="v\nw"\n' * 20000 % tuple(range(20000)),
+                                                   '.env')), 20000)
+        self.assertLess(time.monotonic() - began, 2.0)
 
 
 class InterpolateTest(unittest.TestCase):
@@ -1957,6 +2059,78 @@ class InterpolateTest(unittest.TestCase):
     def test_braces_only(self):
         self.assertEqual(self.run_case('sh -c "echo $HOME $$ ${NAME}"', braces_only=True),
                          ('sh -c "echo $HOME $$ web"', []))
+
+    def test_convox_rule(self):
+        # Convox replaces each ${...} (to the first "}") by the variable of that name or by
+        # nothing: no operators, so a compose-style default is not applied.
+        cases = [('${NAME}', 'web', []), ('${NAME:-x}', '', ['NAME:-x']), ('a${UNSET}b', 'ab', ['UNSET']),
+                 ('${EMPTY}', '', []), ('${NAME', '${NAME', []), ('x ${} y', 'x  y', ['']),
+                 ('{"a": "${PORT}"}', '{"a": "3000"}', [])]
+        for text, expected, missing in cases:
+            with self.subTest(text):
+                self.assertEqual(self.run_case(text, braces_only=True), (expected, missing))
+
+    # compose-go's template tests (template/template_test.go), in our own words.
+    COMPOSE_VARS = {'FOO': 'first', 'BAR': '', 'JSON': '{"json":2}'}
+    COMPOSE_GO = [
+        ('$${foo}', '${foo}'), ('foo', 'foo'), ('a $ string', 'a $ string'),
+        ('^REGEX$', '^REGEX$'), ('$}', '$}'), ('$', '$'), ('$FOO-bar', 'first-bar'),
+        ('This ${missing} var', 'This  var'), ('This ${BAR} var', 'This  var'),
+        ('This $FOO var', 'This first var'), ('This ${FOO} var', 'This first var'),
+        ('ok ${missing:-def}', 'ok def'), ('ok ${missing-def}', 'ok def'),
+        ('${A:+${A},}B', 'B'), ('${A:-${B}}', ''), ('ok ${BAR:-def}', 'ok def'),
+        ('ok ${FOO:-def}', 'ok first'), ('ok ${BAR-def}', 'ok '),
+        ('ok ${UNSET_VAR:+presence_value}', 'ok '), ('ok ${UNSET_VAR+presence_value}', 'ok '),
+        ('ok ${FOO:+presence_value}', 'ok presence_value'),
+        ('ok ${FOO+presence_value}', 'ok presence_value'),
+        ('ok ${BAR+presence_value}', 'ok presence_value'), ('ok ${BAR:+presence_value}', 'ok '),
+        ('ok ${BAR:-/non:-alphanumeric}', 'ok /non:-alphanumeric'),
+        ('-ok ${BAR:-defaultValue}', '-ok defaultValue'), ('+ok ${UNSET:-${BAR-defaultValue}}', '+ok '),
+        ('-ok ${FOO:-defaultValue}', '-ok first'), (':-ok ${UNSET-defaultValue}', ':-ok defaultValue'),
+        (':-ok ${BAR-defaultValue}', ':-ok '), (':?ok ${BAR-defaultValue}', ':?ok '),
+        (':?ok ${BAR:-defaultValue}', ':?ok defaultValue'), (':+ok ${BAR:-defaultValue}', ':+ok defaultValue'),
+        ('+ok ${BAR-defaultValue}', '+ok '), ('?ok ${BAR:-defaultValue}', '?ok defaultValue'),
+        ('ok ${UNSET_VAR-$FOO}', 'ok first'), ('ok ${UNSET_VAR-${FOO}}', 'ok first'),
+        ('ok ${UNSET_VAR-${FOO} ${FOO}}', 'ok first first'), ('ok ${BAR:-$FOO}', 'ok first'),
+        ('ok ${BAR:-${FOO}}', 'ok first'), ('ok ${BAR:-${FOO} ${FOO}}', 'ok first first'),
+        ('ok ${BAR+$FOO}', 'ok first'), ('ok ${BAR+$FOO ${FOO:+second}}', 'ok first second'),
+        ('ok ${FOO:?err}', 'ok first'), ('ok ${FOO?err}', 'ok first'), ('ok ${BAR?err}', 'ok '),
+        ('${UNSET_VAR-myerror?msg}', 'myerror?msg'), ('${FOO?bar-baz}', 'first'),
+        ('${BAR:-default_value_for_empty_var}', 'default_value_for_empty_var'),
+        ('${UNSET_VAR-default_value_for_unset_var}', 'default_value_for_unset_var'),
+        ('ok ${SUBDOMAIN:-redis}.${FOO:?}', 'ok redis.first'),
+        ('ok ${missing:-{"json":1}}', 'ok {"json":1}'), ('ok ${missing-{"json":1}}', 'ok {"json":1}'),
+        ('ok ${JSON:-{"json":1}}', 'ok {"json":2}'), ('ok ${JSON-{"json":1}}', 'ok {"json":2}'),
+        ('${FOO:-{"a":{"b":1}}} tail}', 'first tail}'),
+    ]
+
+    def test_compose_go_templates(self):
+        for text, expected in self.COMPOSE_GO:
+            with self.subTest(text):
+                self.assertEqual(convox.interpolate(text, self.COMPOSE_VARS, 'c.yml')[0], expected)
+
+    def test_compose_go_errors(self):
+        for text, message in [
+                ('not ok ${UNSET_VAR:?Mandatory Variable Unset}',
+                 'required variable UNSET_VAR is missing a value: Mandatory Variable Unset'),
+                ('not ok ${BAR:?Mandatory Variable Empty}',
+                 'required variable BAR is missing a value: Mandatory Variable Empty'),
+                ('not ok ${UNSET_VAR:?}', 'required variable UNSET_VAR is missing a value'),
+                ('not ok ${UNSET_VAR?}', 'required variable UNSET_VAR is missing a value'),
+                ('not ok ${UNSET_VAR:?Mandatory Variable ${FOO}}',
+                 'required variable UNSET_VAR is missing a value: Mandatory Variable first'),
+                ('not ok ${UNSET_VAR?Mandatory Variable ${FOO}}',
+                 'required variable UNSET_VAR is missing a value: Mandatory Variable first'),
+                ('${', 'unterminated'), ('${}', 'invalid interpolation'),
+                ('${ }', 'invalid interpolation'), ('${ foo}', 'invalid interpolation'),
+                ('${foo }', 'invalid interpolation'), ('${foo!}', 'invalid interpolation')]:
+            with self.subTest(text):
+                with self.assertRaises(convox.ManifestError) as caught:
+                    convox.interpolate(text, self.COMPOSE_VARS, 'c.yml')
+                self.assertTrue(str(caught.exception).startswith('c.yml: '))
+                self.assertIn(message, str(caught.exception))
+        # a lazy message: ${A?${B}} with A set never looks at B
+        self.assertEqual(convox.interpolate('${A?${B}}', {'A': 'value'}, 'c.yml'), ('value', []))
 
 
 # ---------------------------------------------------------------- load_manifest
@@ -2319,7 +2493,8 @@ class LoadManifestTest(unittest.TestCase):
     def test_bad_dotenv(self):
         self.write('.env', 'GOOD=1\nthis is wrong\n')
         message = self.error('convox.yml', 'services:\n  web: {}\n')
-        self.assertEqual(message, ".env:2: expected KEY=VALUE, got 'this is wrong'")
+        self.assertEqual(message, ".env:2: a variable name cannot contain a space ('this is wrong') "
+                                  "— use KEY=VALUE")
 
     def test_dependencies_errors(self):
         self.write('docker-compose.yml', 'services:\n  a:\n    image: x\n    depends_on: [b]\n'
@@ -2466,6 +2641,21 @@ class ComposeRuntimeKeysTest(unittest.TestCase):
                               '  db:\n    image: x\n')
                 self.assertTrue(str(caught.exception).endswith('/compose.yaml: ' + expected),
                                 str(caught.exception))
+
+    def test_env_file_expansion(self):
+        # Compose's order: the shell, then .env, then the service's environment, then the
+        # env_file's earlier lines; environment: entries win over env_file ones.
+        with open(os.path.join(self.dir, 'web.env'), 'w') as handle:
+            handle.write('DB_USER=admin\nURL="postgres://${DB_USER}@${HOST}/${DB:-app}"\n'
+                         'FROM_SHELL=${SHELL_VAR}\nREGION=${REGION}\nLOCAL=${DOTENV}\n'
+                         'MODE=file\n')
+        m = self.load('services:\n  web:\n    image: x\n    env_file: web.env\n'
+                      '    environment:\n      HOST: db\n      MODE: env\n',
+                      environ={'SHELL_VAR': 'sh', 'REGION': 'eu'},
+                      dotenv='DOTENV=from .env\nREGION=ignored\n')
+        self.assertEqual(m.services['web'].environment, {
+            'DB_USER': 'admin', 'URL': 'postgres://admin@db/app', 'FROM_SHELL': 'sh',
+            'REGION': 'eu', 'LOCAL': 'from .env', 'MODE': 'env', 'HOST': 'db'})
 
     def test_project_name(self):
         self.load('name: ${TEAM:-x}-Shop\nservices:\n  web:\n    image: x\n')
