@@ -3823,26 +3823,25 @@ def _convox_build(value, ctx, where):
 
 
 def _convox_command(value, ctx, where):
-    """A string command runs through sh -c; a list is the argv."""
-    if value is None:
+    """A string command is split into words as Convox splits it (shell quoting, no shell:
+    go-shellquote), keeping the image's ENTRYPOINT; a list is the argv."""
+    if isinstance(value, str) and not value.strip():
         return None
-    if isinstance(value, str):
-        return ['sh', '-c', value] if value.strip() else None
-    return _string_list(value, ctx, where, 'a string or a list of strings')
+    return _compose_command(value, ctx, where)
 
 
 def _convox_port(value, ctx, where):
-    """`port: 3000`, `port: http:3000`, `port: https:3000` (or {port, scheme})."""
+    """`port: 3000`, `port: SCHEME:3000` (http, https, grpc …) or {port, scheme}."""
     if isinstance(value, dict):
         value = value.get('port')
     number = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif isinstance(value, str):
-        m = re.match(r'\s*(?:(?:http|https):)?([0-9]+)\s*\Z', value)
+        m = re.match(r'\s*(?:[A-Za-z][A-Za-z0-9+.-]*:)?([0-9]+)\s*\Z', value)
         number = int(m.group(1)) if m else None
     if number is None or not 1 <= number <= 65535:
-        raise ctx.error(where, 'must be a number or "http:NUMBER"')
+        raise ctx.error(where, 'must be a number or "SCHEME:NUMBER" like http:3000 or grpc:50051')
     return _port('127.0.0.1', number, number, 'tcp')
 
 

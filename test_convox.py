@@ -2299,7 +2299,7 @@ class LoadManifestTest(unittest.TestCase):
             'name': 'web',
             'build': {'context': self.dir, 'dockerfile': 'Dockerfile', 'args': {}},
             'image': None,
-            'command': ['sh', '-c', 'bin/rails server -p $PORT'],
+            'command': ['bin/rails', 'server', '-p', '$PORT'],
             'entrypoint': None,
             'environment': dict(base_env, PORT='3000'),
             'ports': [{'host_ip': '127.0.0.1', 'host_port': 3000, 'container_port': 3000,
@@ -2351,6 +2351,24 @@ class LoadManifestTest(unittest.TestCase):
                          {'context': self.dir, 'dockerfile': 'Dockerfile', 'args': {}})
         self.assertIsNone(m.services['db'].build)
         self.assertEqual(m.kind, 'convox')
+
+    def test_convox_port_schemes_and_commands(self):
+        # Convox's own examples: port: grpc:50051; a string command is split into words
+        # (shell quoting, no shell), so the image's ENTRYPOINT still runs it.
+        self.write('convox.yml', 'services:\n  api:\n    image: x\n    port: grpc:50051\n'
+                                 '    command: bin/server --name "my api" --flag=\'a b\' $PORT\n'
+                                 '  web:\n    image: x\n    port: {port: https:8443}\n'
+                                 '    command: ""\n')
+        m = convox.load_manifest('convox.yml', {})
+        api, web = m.services['api'], m.services['web']
+        self.assertEqual(api.ports, [{'host_ip': '127.0.0.1', 'host_port': 50051,
+                                      'container_port': 50051, 'protocol': 'tcp'}])
+        self.assertEqual(api.command, ['bin/server', '--name', 'my api', '--flag=a b', '$PORT'])
+        self.assertEqual((web.ports[0]['container_port'], web.command), (8443, None))
+        self.assertEqual(self.error('convox.yml', 'services:\n  web:\n    image: x\n'
+                                                  '    command: echo "unclosed\n'),
+                         'convox.yml: services.web.command cannot be split into arguments: '
+                         'No closing quotation')
 
     def test_convox_star_env_build_args_and_memory_limit(self):
         self.write('convox.yml', 'environment:\n  - "*"\n  - EXTRA=1\nservices:\n  web:\n'
@@ -2440,7 +2458,8 @@ class LoadManifestTest(unittest.TestCase):
         cases = [
             ('convox.yml', 'services: [a]\n', 'convox.yml: services must be a mapping of service names'),
             ('convox.yml', 'services:\n  web:\n    port: [1]\n',
-             'convox.yml: services.web.port must be a number or "http:NUMBER"'),
+             'convox.yml: services.web.port must be a number or "SCHEME:NUMBER" like http:3000 or '
+             'grpc:50051'),
             ('convox.yml', 'services:\n  web:\n    environment: 5\n',
              'convox.yml: services.web.environment must be a list of KEY or KEY=default'),
             ('convox.yml', 'services:\n  web:\n    scale:\n      memory: lots\n',
