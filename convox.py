@@ -78,7 +78,7 @@ import signal
 
 # Out of order, before the other imports: until main() takes over, Ctrl-C ends the process
 # quietly, as it would a C program.  A KeyboardInterrupt while the modules below load
-# (http.client loads ssl, which takes a while) would print a traceback.  A SIGINT that the
+# (http.client and json take a while) would print a traceback.  A SIGINT that the
 # shell set to be ignored (a background job) stays ignored.
 _SIGINT_DEFERRED = (__name__ == "__main__" and
                     signal.getsignal(signal.SIGINT) is signal.default_int_handler)
@@ -88,7 +88,6 @@ if _SIGINT_DEFERRED:
 import argparse
 import collections
 import errno
-import http.client
 import json
 import os
 import posixpath
@@ -98,6 +97,18 @@ import socket
 import stat
 import sys
 import time
+
+# http.client imports ssl (a few ms and MiB at every start) only to offer HTTPSConnection.
+# Only TLS racks need ssl, and they import it themselves (import_ssl), so it is hidden while
+# http.client loads.
+_SSL_HIDDEN = "ssl" not in sys.modules
+if _SSL_HIDDEN:
+    sys.modules["ssl"] = None  # `import ssl` raises ImportError: http.client goes without
+try:
+    import http.client
+finally:
+    if _SSL_HIDDEN:
+        del sys.modules["ssl"]
 
 __version__ = "0.1.0"
 __all__ = [
@@ -141,14 +152,12 @@ CONTROL_TIMEOUT = 60.0
 #: Bytes read from a socket or a local fd at once.
 CHUNK = 64 * 1024
 
-_SSL = sys.modules.get("ssl")  # imported by http.client, where Python has ssl
-#: What a non-blocking stream raises when it has nothing now: over TLS, also half a record.
-WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
-    (_SSL.SSLWantReadError, _SSL.SSLWantWriteError) if _SSL else ())
-#: What reading a stream raises when it has simply ended: a reset, and over TLS the
-#: engine's close_notify after ours (see _close_notify).
-STREAM_ENDED = (ConnectionResetError, ConnectionAbortedError) + (
-    (_SSL.SSLZeroReturnError,) if _SSL else ())
+#: What a non-blocking stream raises when it has nothing now (over TLS, also half a record:
+#: import_ssl adds ssl's errors).
+WOULD_BLOCK = (BlockingIOError, InterruptedError)
+#: What reading a stream raises when it has simply ended: a reset (over TLS also the
+#: engine's close_notify after ours, see _close_notify).
+STREAM_ENDED = (ConnectionResetError, ConnectionAbortedError)
 
 #: Docker's default detach sequence: ctrl-p, ctrl-q.
 DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
@@ -224,12 +233,23 @@ class SocketHTTPConnection(http.client.HTTPConnection):
     """HTTP over a socket that ``opener(timeout)`` returns connected: only ``connect()``
     differs from the base class (a UNIX socket, or one an ssh rack provides)."""
 
-    def __init__(self, opener, timeout=None):
-        super().__init__("localhost", timeout=timeout)
+    def __init__(self, opener, timeout=None, host="localhost", port=None):
+        super().__init__(host, port, timeout=timeout)
         self.opener = opener
 
     def connect(self):
         self.sock = self.opener(self.timeout)
+
+
+def import_ssl():
+    """The ssl module, imported on first use (TLS racks only); from then on the stream loop
+    also takes ssl's would-block and closed errors for what they are."""
+    global WOULD_BLOCK, STREAM_ENDED
+    import ssl
+    WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                   ssl.SSLWantWriteError)
+    STREAM_ENDED = (ConnectionResetError, ConnectionAbortedError, ssl.SSLZeroReturnError)
+    return ssl
 
 
 def unix_socket(path, timeout):
@@ -278,13 +298,21 @@ class Rack:
         host, port = self.address
         if self.kind == "tcp":
             return http.client.HTTPConnection(host, port, timeout=timeout)
-        return http.client.HTTPSConnection(host, port, timeout=timeout,
-                                           context=self.tls_context())
+        context = self.tls_context()
+
+        def tls_socket(timeout):
+            sock = socket.create_connection((host, port), timeout)
+            try:
+                return context.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
+        return SocketHTTPConnection(tls_socket, timeout, host, port)
 
     def tls_context(self):
         """Client TLS as the Docker CLI does it, from DOCKER_CERT_PATH: the engine checked
         against ca.pem (unless ``verify`` is off), cert.pem and key.pem shown when there."""
-        import ssl
+        ssl = import_ssl()
         folder = os.path.expanduser(self.cert_path or "~/.docker")
         cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
         try:

@@ -3344,6 +3344,14 @@ class LauncherTest(unittest.TestCase):
         result = self.launch("--version")
         self.assertEqual((result.returncode, result.stderr), (0, b""))
 
+    def test_start_up_leaves_ssl_to_tls_racks(self):
+        # http.client would import ssl at every start; only TLS racks load it (ExecTLSTest).
+        probe = ("import sys; sys.path.insert(0, %r); import convox, http.client; "
+                 "print('ssl' in sys.modules, hasattr(http.client, 'HTTPSConnection'))" % HERE)
+        result = subprocess.run([sys.executable, "-c", probe], stdout=subprocess.PIPE,
+                                timeout=60)
+        self.assertEqual(result.stdout, b"False False\n")
+
     def test_status_and_usage_errors_pass_through(self):
         result = self.launch("run")
         self.assertEqual(result.returncode, 2)
