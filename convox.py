@@ -35,6 +35,7 @@ convox.py -- Convox's one-off commands for any host with a Docker Engine API soc
     convox ps                       list the app's processes
     convox exec TARGET COMMAND...   run a command in a running process
     convox run SERVICE COMMAND...   run a command in a new one-off process of a service
+    convox logs [PID]               the app's logs, merged in time order, followed
     convox start [SERVICE...]       run the app locally from convox.yml or docker-compose.yml,
                                     syncing edited files into its running services
     convox start SERVICE COMMAND... run COMMAND in a new local process of SERVICE
@@ -95,6 +96,7 @@ import re
 import select
 import socket
 import stat
+import struct
 import sys
 import time
 
@@ -931,6 +933,40 @@ class Engine:
             raise unreachable(self.rack, exc)
         return conn
 
+    def stream(self, path, query=None):
+        """GET an endless answer (logs, events) -> Hijacked whose socket carries its body.
+
+        Asked as HTTP/1.0, so that the engine sends the body as it is, up to the close,
+        without HTTP/1.1's chunk framing to undo around every log line.
+        """
+        conn = self.connect(self.timeout)
+        sock, conn.sock = conn.sock, None
+        try:
+            sock.sendall(("GET %s HTTP/1.0\r\nHost: docker\r\n\r\n" %
+                          self.url(path, query)).encode("ascii"))
+            head, rest = _read_head(sock)
+            status, reason, headers = _parse_head(head)
+        except socket.timeout:
+            sock.close()
+            raise EngineUnavailable("the engine did not answer GET %s within %g s — check "
+                                    "that it is healthy" % (path, self.timeout))
+        except OSError as exc:
+            sock.close()
+            raise unreachable(self.rack, exc)
+        except StreamError:
+            sock.close()
+            raise
+        if status >= 400:
+            data = _read_body(sock, rest, headers)
+            sock.close()
+            raise _http_error(data, status, reason)
+        if "chunked" in (headers.get("Transfer-Encoding") or ""):
+            sock.close()
+            raise StreamError("the engine answered an HTTP/1.0 request for %s in chunks — is "
+                              "the rack a Docker Engine API?" % path)
+        sock.settimeout(None)  # a quiet stream is no dead one
+        return Hijacked(sock, rest, headers.get("Content-Type", ""))
+
     # -- containers ------------------------------------------------------------------------
 
     def containers(self, all=True, filters=None):
@@ -1633,16 +1669,25 @@ def swarm_one_off_spec(spec, command, *, name, app, service, image=None, release
 # Streams
 # ==========================================================================================
 
+#: A frame header as two big-endian words: [stream, 0, 0, 0] and the payload's size.
+_FRAME_HEAD = struct.Struct(">LL")
+#: The first word of a valid header -> the fd index it names (0, stdin echo, is stdout).
+_FRAME_STREAMS = {0: 1, 1 << 24: 1, 2 << 24: 2, 3 << 24: 3}
+
+
 class Demuxer:
-    """Split Docker's multiplexed stream ([stream, 0, 0, 0, size32] + payload) incrementally.
+    """Split Docker's multiplexed stream ([stream, 0, 0, 0] + size32 + payload) incrementally.
 
     ``feed(data)`` returns ``[(fd_index, bytes), ...]`` with 1 = stdout, 2 = stderr; frames
     may be split anywhere across calls.  Stream 0 (stdin echo) goes to stdout as in Docker's
-    stdcopy; stream 3 carries an engine error; anything else is a protocol error.
+    stdcopy; stream 3 carries an engine error; anything else is a protocol error.  With
+    ``whole=True`` each payload is one whole frame (a log entry, whose end means something),
+    held back until its last byte has come.
     """
 
-    def __init__(self):
-        self._pending = bytearray()
+    def __init__(self, whole=False):
+        self.whole = whole
+        self._pending = bytearray()   # header bytes so far, or the held frame's payload
         self._stream = None
         self._left = 0
         self._copy = True
@@ -1662,33 +1707,49 @@ class Demuxer:
 
     def _split(self, data, out):
         view = memoryview(data)
-        while len(view):
+        pos, end = 0, len(view)
+        while pos < end:
             if self._left:
-                piece = view[:self._left]
+                piece = view[pos:pos + self._left]
+                pos += len(piece)
                 self._left -= len(piece)
-                view = view[len(piece):]
-                if self._stream == 3:
-                    self._pending += piece
-                    if not self._left:
-                        raise StreamError("the engine reported: %s" % bytes(
-                            self._pending).decode("utf-8", "replace").strip())
-                else:
+                if self._stream != 3 and not self.whole:
                     out.append((self._stream, bytes(piece) if self._copy else piece))
+                    continue
+                self._pending += piece
+                if not self._left:
+                    payload, self._pending = bytes(self._pending), bytearray()
+                    self._frame(self._stream, payload, out)
                 continue
-            need = 8 - len(self._pending)
-            self._pending += view[:need]
-            view = view[need:]
-            if len(self._pending) < 8:
-                break
-            header = bytes(self._pending)
-            self._pending = bytearray()
-            stream = header[0]
-            if stream not in (0, 1, 2, 3) or header[1:4] != b"\0\0\0":
+            if self._pending or end - pos < 8:
+                need = 8 - len(self._pending)
+                self._pending += view[pos:pos + need]
+                pos += need
+                if len(self._pending) < 8:
+                    break
+                head, size = _FRAME_HEAD.unpack(self._pending)
+                self._pending = bytearray()
+            else:
+                head, size = _FRAME_HEAD.unpack_from(view, pos)
+                pos += 8
+            stream = _FRAME_STREAMS.get(head)
+            if stream is None:
                 raise StreamError("the engine sent a malformed stream frame header %r — the "
-                                  "output is incomplete" % header)
-            self._stream = 1 if stream == 0 else stream
-            self._left = int.from_bytes(header[4:8], "big")
+                                  "output is incomplete" % _FRAME_HEAD.pack(head, size))
+            if size <= end - pos:  # the whole frame is here: the common case
+                piece = view[pos:pos + size]
+                pos += size
+                self._frame(stream, bytes(piece) if self._copy else piece, out)
+            else:
+                self._stream, self._left = stream, size
         return out
+
+    def _frame(self, stream, payload, out):
+        if stream == 3:
+            raise StreamError("the engine reported: %s" % bytes(payload).decode(
+                "utf-8", "replace").strip())
+        if payload:
+            out.append((stream, payload))
 
     def partial(self):
         """True when the stream stopped inside a frame."""
@@ -1946,6 +2007,187 @@ def _drain_signals(fd):
         return bytearray(os.read(fd, 512))
     except (BlockingIOError, InterruptedError):
         return bytearray()
+
+# -- logs (SPEC §9): each process's timestamped lines, merged in the engine's order ---------
+
+def canonical_stamp(raw):
+    """An engine's RFC 3339 timestamp (bytes) -> Docker's fixed form in UTC,
+    ``2026-12-02T10:00:00.123456789Z``: 30 bytes that sort as the times do; None if it is
+    no timestamp.  Docker writes that form already; Podman writes whole seconds."""
+    if len(raw) == 30 and raw[29:] == b"Z" and raw[19:20] == b".":
+        return raw
+    match = re.match(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:?\d\d)\Z",
+                     raw)
+    if not match:
+        return None
+    whole, fraction, zone = match.groups()
+    if zone != b"Z":
+        import calendar
+        offset = (int(zone[1:3]) * 3600 + int(zone[-2:]) * 60) * (1 if zone[:1] == b"+"
+                                                                    else -1)
+        seconds = calendar.timegm(time.strptime(whole.decode(), "%Y-%m-%dT%H:%M:%S"))
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds - offset)).encode()
+    return whole + b"." + (fraction or b"").ljust(9, b"0") + b"Z"
+
+
+def stamp_seconds(stamp):
+    """A canonical stamp -> UNIX seconds as the engine's ``since`` takes them, exactly."""
+    import calendar
+    seconds = calendar.timegm(time.strptime(stamp[:19].decode(), "%Y-%m-%dT%H:%M:%S"))
+    return "%d.%s" % (seconds, stamp[20:29].decode())
+
+
+class LogLines:
+    """The lines of one process's ``/containers/ID/logs`` stream (``timestamps=1``).
+
+    Every log entry is ``STAMP SP text``: one frame each without a TTY (Demuxer, whole
+    frames), raw lines with one.  A frame without a newline is the start of a line that the
+    engine cut (Docker at 16 KiB); the entries that continue it carry stamps of their own,
+    dropped here, so that a line is never split.  ``feed(data)`` -> ``[(stamp, stream,
+    text)]``: stamps canonical and never decreasing (one process keeps its order), text
+    without its line end.  ``end()`` -> what is left when the stream ends.
+    """
+
+    def __init__(self, tty):
+        self.demux = None if tty else Demuxer(whole=True)
+        self.rest = b""       # TTY: the start of a line
+        self.cut = {}         # stream -> (stamp, text) of a line still without its end
+        self.last = b""       # the newest stamp so far
+
+    def feed(self, data):
+        if self.demux is not None:
+            return self._entries(self.demux.feed(data))
+        lines = (self.rest + bytes(data)).split(b"\n")
+        self.rest = lines.pop()
+        # A TTY's output ends its lines with CRLF: the CR is the terminal's, not the line's.
+        return self._entries([(1, line[:-1] + b"\n" if line[-1:] == b"\r" else line + b"\n")
+                              for line in lines])
+
+    def end(self):
+        """The lines still open when the stream ends, each a whole line (SPEC §9)."""
+        out = self.feed(b"\n") if self.rest else []
+        for stamp, stream, text in sorted((stamp, stream, text) for stream, (stamp, text)
+                                          in self.cut.items()):
+            stamp = max(stamp, self.last)
+            out += [(stamp, stream, line) for line in text.split(b"\n")]
+        self.cut = {}
+        return out
+
+    def _entries(self, frames):
+        out = []
+        last, cut = self.last, self.cut
+        for stream, entry in frames:
+            if entry[29:31] == b"Z " and entry[19:20] == b".":  # Docker's form: no parsing
+                stamp, text = entry[:30], entry[31:]
+            else:
+                raw, _, text = entry.partition(b" ")
+                stamp = canonical_stamp(raw)
+                if stamp is None:  # no stamp at all: the previous line's time
+                    stamp, text = last, entry
+            if stream in cut:  # continues a cut line: its own stamp is dropped
+                stamp, start = cut.pop(stream)
+                text = start + text
+            if text[-1:] != b"\n":
+                cut[stream] = (stamp, text)
+                continue
+            if stamp > last:
+                last = stamp
+            if b"\n" in text[:-1]:  # several lines in one entry share its stamp
+                out += [(stamp, stream, line) for line in text[:-1].split(b"\n")]
+            else:
+                out.append((stamp, stream, text[:-1]))
+        self.last = last
+        return out
+
+
+class LogMerge:
+    """One output from the lines of many processes, in the order of the engine's stamps.
+
+    A line waits until every open process has a line waiting (nothing earlier can come
+    then), or for ``hold`` seconds, so that a slower stream can still sort in before it;
+    a line whose stamp another process's waiting line precedes waits for that one too.
+    With one open process and nothing waiting, lines go at once.  ``emit(source,
+    entries)`` receives them in order.
+    """
+
+    def __init__(self, emit, hold):
+        self.emit = emit
+        self.hold = hold
+        self.heap = []
+        self.waiting = {}     # open source -> how many of its lines wait in the heap
+        self.idle = 0         # open sources with no line waiting
+        self.floors = {}      # source -> the sort key of its last line
+        self.seq = 0
+
+    def join(self, source):
+        if source not in self.waiting:
+            self.waiting[source] = 0
+            self.idle += 1
+
+    def leave(self, source):
+        """The source's stream ended (after its last lines were added)."""
+        if self.waiting.pop(source, None) == 0:
+            self.idle -= 1
+        self.floors.pop(source, None)
+
+    def add(self, source, entries, now):
+        if not entries:
+            return
+        if not self.heap and len(self.waiting) <= 1:
+            self.emit(source, entries)
+            return
+        import heapq
+        # A process's lines keep their order even where its stamps do not (its stdout and
+        # stderr are stamped apart): each sorts in no earlier than the one before it.
+        floor = self.floors.get(source, b"")
+        for stamp, stream, text in entries:
+            floor = max(floor, stamp)
+            heapq.heappush(self.heap, (floor, self.seq, now, source, stamp, stream, text))
+            self.seq += 1
+        self.floors[source] = floor
+        if source in self.waiting:
+            if not self.waiting[source]:
+                self.idle -= 1
+            self.waiting[source] += len(entries)
+
+    def release(self, now, everything=False):
+        """Emit the lines that may go; -> seconds until the next one may, or None."""
+        import heapq
+        heap, waiting = self.heap, self.waiting
+        while heap:
+            _, _, arrived, source, stamp, stream, text = heap[0]
+            if not (everything or self.idle == 0 or arrived + self.hold <= now):
+                return arrived + self.hold - now
+            heapq.heappop(heap)
+            if source in waiting:
+                waiting[source] -= 1
+                if not waiting[source]:
+                    self.idle += 1
+            self.emit(source, [(stamp, stream, text)])
+        return None
+
+    def backlog(self, source):
+        return self.waiting.get(source, 0)
+
+
+def _json_line(source, stamp, stream, text):
+    return json.dumps({"time": stamp.decode(), "service": source.service, "id": source.id,
+                       "stream": "stderr" if stream == 2 else "stdout",
+                       "line": text.decode("utf-8", "replace")})
+
+
+#: How each --format prints a batch of one source's lines (stamp, stream, text) as bytes.
+LOG_FORMATS = {
+    # Convox's: 2026-12-02T10:00:00Z service/web/310481bf223f message
+    "convox": lambda source, entries: b"".join(
+        [stamp[:19] + b"Z " + source.label + text + b"\n" for stamp, _, text in entries]),
+    # Compose's: web-310481bf | message (the prefix padded, maybe coloured)
+    "compose": lambda source, entries: b"".join(
+        [source.prefix + text + b"\n" for _, _, text in entries]),
+    "json": lambda source, entries: "".join(
+        [_json_line(source, *entry) + "\n" for entry in entries]).encode("utf-8"),
+}
+
 
 
 # ==========================================================================================
@@ -5781,6 +6023,286 @@ LINE_MAX = 64 * 1024
 PREFIX_COLOURS = (36, 33, 32, 35, 34, 31, 96, 93, 92, 95, 94, 91)
 
 
+# -- logs -----------------------------------------------------------------------------------
+
+#: Seconds a line may wait for an earlier one of another process (SPEC §9).
+LOG_HOLD = 0.25
+#: Lines of one process that may wait in the merge before its stream is read no further.
+LOG_BACKLOG = 10000
+#: Go's duration units (time.ParseDuration) and days, in seconds.
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60,
+                   "h": 3600, "d": 86400}
+_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)"
+
+
+def parse_when(text, option, now=None):
+    """--since/--until (SPEC §9) -> UNIX seconds as the engine takes them ("S.NNNNNNNNN"):
+    a Go duration or days before now (90s, 1h30m, 2d), RFC 3339, a local
+    YYYY-MM-DD[THH[:MM[:SS]]], or UNIX seconds."""
+    now = time.time() if now is None else now
+    try:
+        if re.match("(?:%s)+\\Z" % _DURATION_PART, text):
+            ago = sum(float(number) * _DURATION_UNITS[unit]
+                      for number, unit in re.findall(_DURATION_PART, text))
+            return "%.9f" % (now - ago)
+        if re.match(r"\d+(\.\d{1,9})?\Z", text):
+            return text
+        stamp = canonical_stamp(text.encode("utf-8", "surrogateescape"))
+        if stamp is not None:
+            return stamp_seconds(stamp)
+        match = re.match(r"(\d{4}-\d\d-\d\d)(?:T(\d\d)(?::(\d\d)(?::(\d\d))?)?)?\Z", text)
+        if match:
+            day, hour, minute, second = match.groups()
+            local = time.strptime("%sT%s:%s:%s" % (day, hour or "00", minute or "00",
+                                                   second or "00"), "%Y-%m-%dT%H:%M:%S")
+            return "%d.000000000" % time.mktime(local)
+    except (ValueError, OverflowError):
+        pass  # a date that does not exist (2026-02-30): as malformed
+    raise UsageError("invalid %s %r — use a duration (90s, 10m, 1h30m, 2d), RFC 3339 "
+                     "(2026-12-02T10:00:00Z), a local date (2026-12-02, 2026-12-02T10:00) "
+                     "or UNIX seconds" % (option, text))
+
+
+class LogSource:
+    """One process whose logs are read: its labels in each format and how far it got."""
+
+    def __init__(self, info):
+        process = Process(info)
+        self.id, self.service = process.id, process.service
+        self.tty = bool((info.get("Config") or {}).get("Tty"))
+        self.label = ("service/%s/%s " % (self.service, self.id[:12])).encode("utf-8")
+        self.name = "%s-%s" % (self.service, self.id[:8])
+        self.prefix = b""     # compose's, set by the follower (its width depends on all)
+        self.stream = None
+        self.lines = None
+        self.last = None      # the stamp of the last line read, and how many lines had it
+        self.repeats = 0
+        self.skip = None      # after a resume: (stamp, count) of lines already read again
+
+    def take(self, entries):
+        """Entries read -> those not read before (a resumed stream repeats its last stamp's
+        lines: the engine's since is inclusive); notes how far the stream got."""
+        if self.skip is not None and entries:
+            stamp, count = self.skip
+            index = 0
+            while index < len(entries) and (entries[index][0] < stamp or (
+                    entries[index][0] == stamp and count > 0)):
+                count -= entries[index][0] == stamp
+                index += 1
+            entries = entries[index:]
+            self.skip = (stamp, count) if not entries else None
+        if entries:
+            last = entries[-1][0]
+            same = 0
+            for entry in reversed(entries):
+                if entry[0] != last:
+                    break
+                same += 1
+            self.repeats = same + (self.repeats if same == len(entries) and
+                                   last == self.last else 0)
+            self.last = last
+        return entries
+
+
+class LogFollower:
+    """Reads the log streams of processes, and with ``follow`` the engine's events, in one
+    select loop; merges their lines (LogMerge) and writes them to ``fd``."""
+
+    def __init__(self, engine, fd, render, query, needle=None, follow=True, until=False,
+                 colour=False):
+        self.engine = engine
+        self.fd = fd
+        self.render = render
+        self.query = query
+        self.needle = needle
+        self.follow = follow
+        self.until = until        # --until: a stream that ends is done, also when running
+        self.colour = colour
+        self.sources = {}         # container ID -> LogSource
+        self.by_sock = {}         # socket -> LogSource, of the streams being read
+        self.merge = LogMerge(self._emit, LOG_HOLD)
+        self.pending = []
+        self.events = None
+        self.events_rest = b""
+        self.events_since = None
+        self.accept = None        # labels -> True for a process that joins while following
+
+    def _emit(self, source, entries):
+        if self.needle is not None:
+            entries = [entry for entry in entries if self.needle in entry[2]]
+        if entries:
+            self.pending.append(self.render(source, entries))
+
+    def flush(self):
+        if self.pending:
+            data, self.pending = b"".join(self.pending), []
+            _write_all(self.fd, data)
+
+    def add(self, info):
+        """Read this process's logs (again, after its last line, when it is known)."""
+        source = self.sources.get(info["Id"])
+        if source is None:
+            source = self.sources[info["Id"]] = LogSource(info)
+            width = max(len(s.name) for s in self.sources.values())
+            for index, each in enumerate(self.sources.values()):
+                text = "%s | " % each.name.ljust(width)
+                if self.colour:
+                    colour = PREFIX_COLOURS[index % len(PREFIX_COLOURS)]
+                    text = "\x1b[%dm%s\x1b[0m" % (colour, text)
+                each.prefix = text.encode("utf-8")
+        elif source.stream is not None:
+            return  # read already
+        query = dict(self.query, follow=self.follow)
+        if source.last is not None:
+            query.pop("tail", None)
+            query["since"] = stamp_seconds(source.last)
+            source.skip = (source.last, source.repeats)
+        source.stream = self.engine.stream("/containers/%s/logs" % source.id, query)
+        source.lines = LogLines(source.tty)
+        self.by_sock[source.stream.sock] = source
+        self.merge.join(source)
+        if source.stream.early:
+            self._read(source, source.stream.early)
+
+    def watch(self, accept):
+        """Follow the engine's events: a process for which ``accept(labels)`` holds is
+        read from the moment it starts (SPEC §9: within 1 s)."""
+        self.accept = accept
+        query = {"filters": {"type": ["container"], "event": ["start"]}}
+        if self.events_since is not None:
+            query["since"] = self.events_since
+        self.events = self.engine.stream("/events", query)
+        self.events_rest = self.events.early
+
+    def _event_lines(self, data):
+        lines = (self.events_rest + data).split(b"\n")
+        self.events_rest = lines.pop()
+        for line in lines:
+            try:
+                event = json.loads(line.decode("utf-8"))
+            except ValueError:
+                continue
+            actor = event.get("Actor") or {}
+            ident = actor.get("ID") or event.get("id")
+            if event.get("timeNano"):
+                self.events_since = "%d.%09d" % divmod(event["timeNano"], 10 ** 9)
+            if not ident or not self.accept(actor.get("Attributes") or {}):
+                continue
+            try:
+                self.add(self.engine.inspect(ident))
+            except NotFound:
+                continue  # gone again already
+
+    def _read(self, source, data):
+        entries = source.take(source.lines.feed(data))
+        self.merge.add(source, entries, time.monotonic())
+
+    def _ended(self, source):
+        del self.by_sock[source.stream.sock]
+        source.stream.close()
+        source.stream = None
+        self.merge.add(source, source.take(source.lines.end()), time.monotonic())
+        if self.follow and not self.until:
+            # The engine ends a followed stream when the process stops; a stream that ends
+            # while the process runs was cut, and goes on after its last line.
+            try:
+                running = self.engine.inspect(source.id)["State"].get("Running")
+            except NotFound:
+                running = False
+            if running:
+                time.sleep(0.1)  # a stream the engine keeps cutting costs no busy loop
+                self.add(self.engine.inspect(source.id))
+                return
+        self.merge.leave(source)
+
+    def run(self):
+        """Until every stream has ended (with events: until interrupted)."""
+        try:
+            self._loop()
+        finally:
+            self.merge.release(time.monotonic(), everything=True)
+            self.flush()
+            for source in list(self.by_sock.values()):
+                source.stream.close()
+            if self.events is not None:
+                self.events.close()
+
+    def _loop(self):
+        if self.events is not None and self.events_rest:
+            self._event_lines(b"")
+        while self.by_sock or self.events is not None:
+            wait = self.merge.release(time.monotonic())
+            self.flush()
+            readable = [sock for sock, source in self.by_sock.items()
+                        if self.merge.backlog(source) < LOG_BACKLOG]
+            if self.events is not None:
+                readable.append(self.events.sock)
+            ready, _, _ = select.select(readable, [], [], wait)
+            for sock in ready:
+                try:
+                    data = sock.recv(CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if self.events is not None and sock is self.events.sock:
+                    if data:
+                        self._event_lines(data)
+                    else:  # the engine went away, or restarts: ask again, or fail
+                        self.events.close()
+                        self.watch(self.accept)
+                elif data:
+                    self._read(self.by_sock[sock], data)
+                else:
+                    self._ended(self.by_sock[sock])
+
+
+def cmd_logs(ctx):
+    """convox logs [PID]"""
+    args = ctx.args
+    engine = ctx.engine
+    app, inferred = ctx.app()
+    query = {"stdout": 1, "stderr": 1, "timestamps": 1, "tail": args.tail}
+    if args.tail is not None and args.tail < 0:
+        raise UsageError("--tail takes a number of lines (0 or more), not %d" % args.tail)
+    since = args.since or (None if args.pid else "2m")
+    if since:
+        query["since"] = parse_when(since, "--since")
+    if args.until:
+        query["until"] = parse_when(args.until, "--until")
+    fd = ctx.stdio.stdout_fd
+    colour = args.format == "compose" and not args.no_color and \
+        not ctx.environ.get("NO_COLOR") and os.isatty(fd)
+    needle = None if args.filter is None else args.filter.encode("utf-8", "surrogateescape")
+    follower = LogFollower(engine, fd, LOG_FORMATS[args.format], query, needle,
+                           follow=args.follow, until=bool(args.until), colour=colour)
+    services = set(args.service or ())
+    if args.pid:
+        infos = [find_process(engine, app, args.pid).info]
+    else:
+        def accept(labels):
+            c_app, c_service, _, _ = identity(labels)
+            return c_app == app and (not services or c_service in services)
+        if args.follow:  # before the list: a process that starts meanwhile is not missed
+            follower.watch(accept)
+        apps = Apps(engine, app)
+        apps.require_app(app, inferred)
+        unknown = sorted(services - set(apps.services(app)))
+        if unknown:
+            raise ConvoxError("no such service: %s (app %s); services: %s — see convox ps"
+                              % (", ".join(unknown), app, ", ".join(apps.services(app))))
+        infos = [p.info for p in apps.processes(app)
+                 if not services or p.service in services]
+    try:
+        for info in sorted(infos, key=lambda info: info.get("Created") or ""):
+            follower.add(info)
+        follower.run()
+    except KeyboardInterrupt as exc:
+        if exc.args and exc.args[0] != signal.SIGINT:
+            raise
+    return 0  # Ctrl-C ends following: that is how it ends (SPEC §9)
+
+
 def find_manifest(option, cwd=None):
     """The manifest to start: -m FILE, else the first of MANIFEST_NAMES in the folder."""
     cwd = cwd or os.getcwd()
@@ -6386,7 +6908,7 @@ def start_command(ctx, local, names, command, printer):
 # CLI
 # ==========================================================================================
 
-VERBS = ("ps", "exec", "run", "start")
+VERBS = ("ps", "exec", "run", "logs", "start")
 
 
 def _common_options(parser, suppress):
@@ -6453,6 +6975,31 @@ def build_parser():
     run.add_argument("--node-labels", metavar="K=V,...",
                      help="on a Swarm rack: run on nodes with these labels")
     run.set_defaults(handler=cmd_run)
+
+    logs = verbs.add_parser(
+        "logs", help="print the app's logs, merged in time order, and follow them",
+        usage="convox logs [options] [PID]",
+        description="Print the logs of every process of the app (or of process PID), "
+        "merged in the order of the engine's timestamps, and follow them.")
+    _common_options(logs, suppress=True)
+    logs.add_argument("pid", nargs="?", metavar="PID",
+                      help="one process (ID, ID prefix or name): its whole output")
+    logs.add_argument("-s", "--service", action="append", metavar="SERVICE",
+                      help="only this service (repeatable)")
+    logs.add_argument("--since", metavar="WHEN", help="from this time or this long ago "
+                      "(90s, 1h30m, 2d, RFC 3339, 2026-12-02T10:00, UNIX seconds; "
+                      "default 2m, with PID its start)")
+    logs.add_argument("--until", metavar="WHEN", help="up to this time (forms as --since)")
+    logs.add_argument("--tail", type=int, metavar="N", help="the last N lines of each process")
+    follow = logs.add_mutually_exclusive_group()
+    follow.add_argument("-f", "--follow", dest="follow", action="store_true", default=True,
+                        help="keep printing new lines (the default)")
+    follow.add_argument("--no-follow", dest="follow", action="store_false",
+                        help="print what is there and exit")
+    logs.add_argument("--filter", metavar="TEXT", help="only lines that contain TEXT")
+    logs.add_argument("--format", choices=tuple(LOG_FORMATS), default="convox")
+    logs.add_argument("--no-color", action="store_true", help="no colours (compose format)")
+    logs.set_defaults(handler=cmd_logs)
 
     start = verbs.add_parser(
         "start", help="run the app locally from convox.yml or docker-compose.yml",

@@ -1107,6 +1107,162 @@ class DemuxTest(unittest.TestCase):
         self.assertIn("boom", str(caught.exception))
 
 
+def log_frame(stream, stamp, text):
+    """One log entry as the engine frames it without a TTY: STAMP SP text."""
+    payload = stamp + b" " + text
+    return struct.pack(">BxxxL", stream, len(payload)) + payload
+
+
+class LogLinesTest(unittest.TestCase):
+    """The lines of one process's log stream (SPEC §9), split at every awkward place."""
+
+    S1 = b"2026-12-02T10:00:00.000000001Z"
+    S2 = b"2026-12-02T10:00:00.000000002Z"
+    S3 = b"2026-12-02T10:00:01.500000000Z"
+
+    def collect(self, lines, pieces):
+        out = []
+        for piece in pieces:
+            out += lines.feed(piece)
+        return out + lines.end()
+
+    def test_frames_split_at_every_byte(self):
+        data = (log_frame(1, self.S1, b"one\n") + log_frame(2, self.S2, b"two \xff\xfe\n") +
+                log_frame(1, self.S3, b"a long line cut") +  # Docker cuts lines at 16 KiB
+                log_frame(1, b"2026-12-02T10:00:02.000000000Z", b" here\n") +
+                log_frame(2, self.S3, b"last, no newline"))
+        want = [(self.S1, 1, b"one"), (self.S2, 2, b"two \xff\xfe"),
+                (self.S3, 1, b"a long line cut here"), (self.S3, 2, b"last, no newline")]
+        for cut in range(len(data) + 1):
+            for second in (cut, min(len(data), cut + 7), min(len(data), cut + 31)):
+                pieces = [data[:cut], data[cut:second], data[second:]]
+                self.assertEqual(self.collect(convox.LogLines(False), pieces), want,
+                                 (cut, second))
+        self.assertEqual(self.collect(convox.LogLines(False),
+                                      [data[i:i + 1] for i in range(len(data))]), want)
+
+    def test_tty_lines(self):
+        data = (self.S1 + b" one\r\n" + self.S2 + b" \x1b[1mtwo\x1b[0m\r\n" + self.S3 +
+                b" tail")
+        want = [(self.S1, 1, b"one"), (self.S2, 1, b"\x1b[1mtwo\x1b[0m"),
+                (self.S3, 1, b"tail")]
+        for cut in range(len(data) + 1):
+            self.assertEqual(self.collect(convox.LogLines(True), [data[:cut], data[cut:]]),
+                             want, cut)
+
+    def test_other_stamp_forms(self):
+        # Podman writes whole seconds; an engine may write an offset.
+        data = (log_frame(1, b"2026-12-02T10:00:00Z", b"podman\n") +
+                log_frame(1, b"2026-12-02T12:00:00.5+02:00", b"offset\n") +
+                log_frame(1, b"garbage", b"no stamp\n"))
+        self.assertEqual(self.collect(convox.LogLines(False), [data]), [
+            (b"2026-12-02T10:00:00.000000000Z", 1, b"podman"),
+            (b"2026-12-02T10:00:00.500000000Z", 1, b"offset"),
+            (b"2026-12-02T10:00:00.500000000Z", 1, b"garbage no stamp")])
+
+    def test_engine_error_frame(self):
+        data = log_frame(1, self.S1, b"before\n") + struct.pack(">BxxxL", 3, 4) + b"boom"
+        with self.assertRaises(convox.StreamError) as caught:
+            convox.LogLines(False).feed(data)
+        self.assertIn("boom", str(caught.exception))
+
+    def test_stamps(self):
+        self.assertEqual(convox.canonical_stamp(b"2026-12-02T10:00:00.1-01:30"),
+                         b"2026-12-02T11:30:00.100000000Z")
+        self.assertIsNone(convox.canonical_stamp(b"10:00"))
+        self.assertEqual(convox.stamp_seconds(b"1970-01-02T00:00:00.000000123Z"),
+                         "86400.000000123")
+
+
+class LogMergeTest(unittest.TestCase):
+    """The ordered merge: by stamp, a bounded hold, each process's own order kept."""
+
+    def merge(self, hold=0.25):
+        out = []
+        merge = convox.LogMerge(lambda source, entries: out.extend(
+            (source, text) for _, _, text in entries), hold)
+        return merge, out
+
+    def test_orders_by_stamp_once_every_source_has_a_line(self):
+        merge, out = self.merge()
+        for source in "ab":
+            merge.join(source)
+        merge.add("a", [(b"2", 1, b"a2"), (b"4", 1, b"a4")], now=0)
+        self.assertAlmostEqual(merge.release(now=0.1), 0.15)
+        self.assertEqual(out, [])   # b may still have an earlier line
+        merge.add("b", [(b"1", 1, b"b1"), (b"3", 1, b"b3")], now=0.1)
+        merge.release(now=0.1)
+        self.assertEqual(out, [("b", b"b1"), ("a", b"a2"), ("b", b"b3")])  # a4 waits for b
+        merge.release(now=0.25)
+        self.assertEqual(out[-1], ("a", b"a4"))  # held for its 250 ms, then it goes
+
+    def test_a_process_keeps_its_order(self):
+        merge, out = self.merge()
+        for source in "ab":
+            merge.join(source)
+        merge.add("a", [(b"5", 1, b"a-first"), (b"3", 2, b"a-second")], now=0)
+        merge.add("b", [(b"4", 1, b"b")], now=0)
+        merge.release(now=1)
+        self.assertEqual([text for _, text in out], [b"b", b"a-first", b"a-second"])
+
+    def test_one_source_goes_at_once_and_ended_sources_wait_for_nobody(self):
+        merge, out = self.merge()
+        merge.join("a")
+        merge.add("a", [(b"1", 1, b"x")], now=0)
+        self.assertEqual(out, [("a", b"x")])
+        merge.join("b")
+        merge.add("b", [(b"2", 1, b"y")], now=0)
+        self.assertEqual(merge.release(now=0), 0.25)
+        merge.leave("a")
+        self.assertIsNone(merge.release(now=0))
+        self.assertEqual(out, [("a", b"x"), ("b", b"y")])
+
+
+class LogSourceTest(unittest.TestCase):
+    def test_resume_skips_what_was_read(self):
+        source = convox.LogSource({"Id": "c" * 64, "Config": {"Labels": {
+            convox.LABEL_SERVICE: "web"}}})
+        first = [(b"1", 1, b"a"), (b"2", 1, b"b"), (b"2", 1, b"c")]
+        self.assertEqual(source.take(first), first)
+        self.assertEqual((source.last, source.repeats), (b"2", 2))
+        source.skip = (source.last, source.repeats)   # as LogFollower.add on a resume
+        again = [(b"2", 1, b"b")]
+        self.assertEqual(source.take(again), [])
+        self.assertEqual(source.take([(b"2", 1, b"c"), (b"2", 1, b"d"), (b"3", 1, b"e")]),
+                         [(b"2", 1, b"d"), (b"3", 1, b"e")])
+        self.assertEqual((source.last, source.repeats), (b"3", 1))
+
+
+class WhenTest(unittest.TestCase):
+    NOW = 1764669600.0  # 2025-12-02T10:00:00Z
+
+    def when(self, text):
+        return convox.parse_when(text, "--since", now=self.NOW)
+
+    def test_forms(self):
+        for text, want in (("90s", self.NOW - 90), ("10m", self.NOW - 600),
+                           ("1h30m", self.NOW - 5400), ("2d", self.NOW - 172800),
+                           ("1.5h", self.NOW - 5400), ("500ms", self.NOW - 0.5),
+                           ("1764669600", self.NOW), ("1764669600.25", self.NOW + 0.25),
+                           ("2025-12-02T10:00:00Z", self.NOW),
+                           ("2025-12-02T11:00:00+01:00", self.NOW),
+                           ("2025-12-02T10:00:00.123456789Z", self.NOW + 0.123456789)):
+            self.assertAlmostEqual(float(self.when(text)), want, places=6, msg=text)
+        self.assertEqual(self.when("2025-12-02T10:00:00.123456789Z"),
+                         "1764669600.123456789")
+        for text, fields in (("2025-12-02", (2025, 12, 2, 0, 0, 0)),
+                             ("2025-12-02T10", (2025, 12, 2, 10, 0, 0)),
+                             ("2025-12-02T10:05", (2025, 12, 2, 10, 5, 0)),
+                             ("2025-12-02T10:05:07", (2025, 12, 2, 10, 5, 7))):
+            local = time.mktime(fields + (0, 0, -1))
+            self.assertEqual(float(self.when(text)), local, text)
+
+    def test_malformed(self):
+        for text in ("yesterday", "10x", "-5m", "2025-02-30", "2025-12-02T25:00", "",
+                     "1h 30m"):
+            with self.assertRaises(convox.UsageError, msg=text):
+                self.when(text)
+
 class DetachKeysTest(unittest.TestCase):
     def test_parse(self):
         self.assertEqual(convox.parse_detach_keys("ctrl-p,ctrl-q"), b"\x10\x11")
