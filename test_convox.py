@@ -6295,6 +6295,196 @@ class SwarmRunTest(SwarmAppTestCase):
 # Benchmarks: a smoke run of bench/bench.py --quick
 # ==========================================================================================
 
+class LogsTest(RunTestCase):
+    """convox logs against the real engine (SPEC §9), the Docker CLI as the oracle."""
+
+    def logged(self, app, service, script, tty=False, kind=None, driver=None):
+        """A process of ``app`` that runs ``script`` in sh; -> its ID."""
+        labels = {TEST_LABEL: RUN_ID, convox.LABEL_APP: app, convox.LABEL_SERVICE: service}
+        if kind:
+            labels[convox.LABEL_TYPE] = kind
+        ident = self.engine.create_container({
+            "Image": self.image, "Cmd": ["sh", "-c", script], "Tty": tty, "Labels": labels,
+            "HostConfig": {"Init": True, "NetworkMode": "none",
+                           "LogConfig": {"Type": driver} if driver else None}})["Id"]
+        self.addCleanup(self.engine.remove, ident)
+        self.engine.start(ident)
+        return ident
+
+    def engine_lines(self, ident, service):
+        """(stamp, convox line) of each line, from `docker logs -t` (stdout and stderr in
+        the order the engine sent them)."""
+        docker = shutil.which("docker")
+        if not docker:
+            self.skipTest("the Docker CLI is not installed (used only as an oracle)")
+        result = subprocess.run([docker, "logs", "-t", ident], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=HARNESS.env(), timeout=60)
+        lines = []
+        for line in result.stdout.split(b"\n")[:-1]:
+            stamp, _, text = line.partition(b" ")
+            lines.append((stamp, b"%sZ service/%s/%s %s" % (
+                stamp[:19], service.encode(), ident[:12].encode(), text.rstrip(b"\r"))))
+        return lines
+
+    def wait_exited(self, *idents, within=30):
+        for ident in idents:
+            for _ in deadline_loop(within, 0.1):
+                if not self.engine.inspect(ident)["State"]["Running"]:
+                    break
+            else:
+                self.fail("%s still runs after %s s" % (ident, within))
+
+    def logs(self, *args, **kwargs):
+        result = self.convox("logs", *args, **kwargs)
+        self.assertEqual((result.returncode, result.stderr), (0, b""), result.stdout[-500:])
+        return result.stdout.split(b"\n")[:-1]
+
+    def test_two_services_merged_in_the_engine_order(self):
+        app = app_name("logsmerge")
+        web = self.logged(app, "web", "for i in 1 2 3 4 5 6; do echo web out $i; sleep 0.05; "
+                                      "echo web err $i >&2; sleep 0.05; done")
+        worker = self.logged(app, "worker", "for i in 1 2 3 4 5 6; do echo worker $i; "
+                                            "sleep 0.07; done", tty=True)
+        self.wait_exited(web, worker)
+        expected = sorted(self.engine_lines(web, "web") + self.engine_lines(worker, "worker"))
+        self.assertEqual(len(expected), 18)
+        output = self.logs("-a", app, "--no-follow")
+        self.assertEqual(output, [line for _, line in expected])
+        # -s keeps a service, PID one process (its whole output), each in the engine order
+        self.assertEqual(self.logs("-a", app, "--no-follow", "-s", "worker"),
+                         [line for _, line in self.engine_lines(worker, "worker")])
+        self.assertEqual(self.logs("-a", app, "--no-follow", web[:12]),
+                         [line for _, line in self.engine_lines(web, "web")])
+        self.assertEqual(self.logs("-a", app, "--no-follow", "-s", "web", "-s", "worker"),
+                         output)
+        # --tail N: the last N lines of each process; --filter TEXT: lines with TEXT
+        self.assertEqual(self.logs("-a", app, "--no-follow", "--tail", "1"),
+                         [line for _, line in sorted([self.engine_lines(web, "web")[-1],
+                                                     self.engine_lines(worker, "worker")[-1]])])
+        self.assertEqual(self.logs("-a", app, "--no-follow", "--filter", "err 3"),
+                         [line for _, line in expected if line.endswith(b"err 3")])
+
+    def test_formats(self):
+        app = app_name("logsformat")
+        # json-file, Docker's default, stores U+FFFD for bytes that are not UTF-8; "local"
+        # keeps them, and convox passes them through.
+        web = self.logged(app, "web", "echo out; echo err >&2; printf '\\377\\376 bytes\\n'",
+                          driver="local")
+        self.wait_exited(web)
+        stamps = {line.split(b" ", 2)[2]: stamp for stamp, line in self.engine_lines(web, "web")}
+        records = [json.loads(line.decode()) for line in
+                   self.logs("-a", app, "--no-follow", "--format", "json", "--filter", "e")]
+        self.assertEqual(sorted((r["line"], r["stream"]) for r in records),
+                         sorted([("\ufffd\ufffd bytes", "stdout"), ("err", "stderr")]))
+        for record in records:
+            self.assertEqual(set(record), {"time", "service", "id", "stream", "line"})
+            self.assertEqual((record["service"], record["id"]), ("web", web))
+            text = b"err" if record["stream"] == "stderr" else b"\xff\xfe bytes"
+            self.assertEqual(record["time"].encode(), stamps[text])
+        # compose's prefix, no colour off a terminal; bytes that are not UTF-8 unchanged
+        self.assertEqual(sorted(self.logs("-a", app, "--no-follow", "--format", "compose")),
+                         sorted([b"web-%s | out" % web[:8].encode(),
+                                 b"web-%s | err" % web[:8].encode(),
+                                 b"web-%s | \xff\xfe bytes" % web[:8].encode()]))
+
+    def test_since_and_until_forms(self):
+        app = app_name("logssince")
+        web = self.logged(app, "web", "echo early; sleep 4; echo late; sleep 3600")
+        for _ in deadline_loop(30, 0.1):
+            lines = self.engine_lines(web, "web")
+            if len(lines) == 2:
+                break
+        (_, early), (late_stamp, late) = lines
+        late_at = convox.parse_timestamp(late_stamp.decode())
+        since = late_at - 2  # early was 4 s before late
+        forms = {
+            "RFC 3339": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+            "RFC 3339 with an offset": time.strftime("%Y-%m-%dT%H:%M:%S+00:00",
+                                                     time.gmtime(since)),
+            "UNIX seconds": "%.3f" % since,
+            "local date and time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since)),
+        }
+        for name, when in list(forms.items()) + [("duration", None)]:
+            with self.subTest(form=name):
+                if when is None:  # just before the run: a duration counts from now
+                    when = "%ds" % (time.time() - since)
+                self.assertEqual(self.logs("-a", app, "--no-follow", "--since", when), [late])
+        self.assertEqual(self.logs("-a", app, "--no-follow", "--since", "1d"), [early, late])
+        self.assertEqual(self.logs("-a", app, "--no-follow", "--since",
+                                   time.strftime("%Y-%m-%d", time.localtime(since - 86400))),
+                         [early, late])
+        self.assertEqual(self.logs("-a", app, "--no-follow", web[:12], "--until",
+                                   "%.3f" % since), [early])
+        # the default is the last 2 minutes
+        self.assertEqual(self.logs("-a", app, "--no-follow"), [early, late])
+
+    def test_detached_one_off_during_and_after(self):
+        app = app_name("logsdetach")
+        self.container(app, "web")
+        info = self.detached("-a", app, "run", "--detach", "web", "sh", "-c",
+                             "echo first; sleep 2; echo second; exit 3")
+        proc = self.client("-a", app, "logs", info["Id"][:12])
+        read_until(proc, b" first\n", timeout=10)
+        self.assertTrue(self.engine.inspect(info["Id"])["State"]["Running"])
+        out, err = proc.communicate(timeout=30)  # the process's end ends its stream
+        self.assertEqual(proc.returncode, 0, err)
+        after = self.logs("-a", app, "--no-follow", info["Id"][:12])
+        label = b"service/web/%s " % info["Id"][:12].encode()
+        self.assertEqual([line.split(b" ", 1)[1] for line in after],
+                         [label + b"first", label + b"second"])
+
+    def test_follow_picks_up_lines_and_new_processes(self):
+        app = app_name("logsfollow")
+        web = self.logged(app, "web", "echo ready; while true; do if [ -f /go ]; then "
+                                      "echo go-line; rm /go; fi; sleep 0.05; done")
+        proc = self.client("-a", app, "logs")
+        read_until(proc, b"ready\n", timeout=15)
+        started = time.monotonic()
+        self.docker("exec", web, "touch", "/go")
+        read_until(proc, b"service/web/%s go-line\n" % web[:12].encode(), timeout=2)
+        line_after = time.monotonic() - started
+        info = self.detached("-a", app, "run", "--detach", "web", "echo", "from the one-off")
+        started = time.monotonic()
+        read_until(proc, b"service/web/%s from the one-off\n" % info["Id"][:12].encode(),
+                   timeout=3)
+        one_off_after = time.monotonic() - started
+        proc.send_signal(signal.SIGINT)  # Ctrl-C ends it: status 0, quietly
+        out, err = proc.communicate(timeout=10)
+        self.assertEqual((proc.returncode, err), (0, b""))
+        sys.stderr.write("figures: logs follow: a new line after %.2f s, a new one-off's line "
+                         "%.2f s after run --detach returned\n" % (line_after, one_off_after))
+
+    def test_long_line_whole_and_closed_pipe(self):
+        app = app_name("logslong")
+        web = self.logged(app, "web", "head -c 100000 /dev/zero | tr '\\0' x; echo; "
+                                      "seq 1 50000")
+        self.wait_exited(web)
+        output = self.logs("-a", app, "--no-follow", web[:12])
+        self.assertEqual(len(output), 50001)
+        self.assertTrue(output[0].endswith(b" service/web/%s %s" % (
+            web[:12].encode(), b"x" * 100000)), output[0][:100])
+        self.assertEqual(output[-1].split(b" ")[-1], b"50000")
+        # | head -n1: the pipe closes under it; quiet, 141
+        proc = self.client("-a", app, "logs", web[:12])
+        proc.stdout.readline()
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, err), (141, b""))
+
+    def test_bad_input(self):
+        app = app_name("logsbad")
+        self.logged(app, "web", "echo hi")
+        for args, status in ((("--since", "yesterday"), 2), (("--tail", "-3"), 2),
+                             (("--until", "2026-02-30"), 2), (("nosuchprocess",), 1),
+                             (("-s", "nosuchservice"), 1), (("--format", "xml"), 2)):
+            with self.subTest(args=args):
+                result = self.convox("-a", app, "logs", "--no-follow", *args)
+                self.assertEqual(result.returncode, status, result.stderr)
+                self.assertOneErrorLine(result)
+        result = self.convox("-a", app_name("logsnone"), "logs")
+        self.assertEqual(result.returncode, 1)
+        self.assertOneErrorLine(result)
+
 class BenchSmokeTest(EngineTestCase):
     """bench/bench.py --quick runs against the real engine, prints every workload, exits 0
     and leaves nothing behind.  No timing assertions: figures go to the README."""
