@@ -1306,6 +1306,36 @@ class EngineRack:
         return run_one_off(ctx, template, command, app=app, service=service, image=image,
                            release=release, entrypoint=entrypoint)
 
+    # -- logs (SPEC §9) --------------------------------------------------------------------
+
+    def log_stream(self, process, query):
+        """A process's log stream (GET /containers/ID/logs) -> Hijacked."""
+        return self.engine_for(process).stream("/containers/%s/logs" % process.id, query)
+
+    def refresh(self, process):
+        """The process as it is now; None when it is gone."""
+        try:
+            return Process(self.engine_for(process).inspect(process.id))
+        except NotFound:
+            return None
+
+    def starts(self, since=None):
+        """The engine's events as they come, from ``since`` (an event's ``time``): JSON
+        lines, of which ``started`` picks the processes that start."""
+        query = {"filters": {"type": ["container"], "event": ["start"]}, "since": since}
+        return self.engine.stream("/events", query)
+
+    def started(self, event, app):
+        """The process of ``app`` that an event says started, or None."""
+        actor = event.get("Actor") or {}
+        ident = actor.get("ID") or event.get("id")
+        if not ident or identity(actor.get("Attributes"))[0] != app:
+            return None
+        try:
+            return Process(self.engine.inspect(ident))
+        except NotFound:
+            return None  # gone again already
+
     def close(self):
         """End what the rack opened besides its engine (on one engine: nothing)."""
 
@@ -6066,10 +6096,10 @@ def parse_when(text, option, now=None):
 class LogSource:
     """One process whose logs are read: its labels in each format and how far it got."""
 
-    def __init__(self, info):
-        process = Process(info)
+    def __init__(self, process):
+        self.process = process
         self.id, self.service = process.id, process.service
-        self.tty = bool((info.get("Config") or {}).get("Tty"))
+        self.tty = bool((process.info.get("Config") or {}).get("Tty"))
         self.label = ("service/%s/%s " % (self.service, self.id[:12])).encode("utf-8")
         self.name = "%s-%s" % (self.service, self.id[:8])
         self.prefix = b""     # compose's, set by the follower (its width depends on all)
@@ -6108,9 +6138,9 @@ class LogFollower:
     """Reads the log streams of processes, and with ``follow`` the engine's events, in one
     select loop; merges their lines (LogMerge) and writes them to ``fd``."""
 
-    def __init__(self, engine, fd, render, query, needle=None, follow=True, until=False,
+    def __init__(self, rack, fd, render, query, needle=None, follow=True, until=False,
                  colour=False):
-        self.engine = engine
+        self.rack = rack
         self.fd = fd
         self.render = render
         self.query = query
@@ -6125,7 +6155,7 @@ class LogFollower:
         self.events = None
         self.events_rest = b""
         self.events_since = None
-        self.accept = None        # labels -> True for a process that joins while following
+        self.accept = None        # Process -> True for one that joins while following
 
     def _emit(self, source, entries):
         if self.needle is not None:
@@ -6138,11 +6168,11 @@ class LogFollower:
             data, self.pending = b"".join(self.pending), []
             _write_all(self.fd, data)
 
-    def add(self, info):
+    def add(self, process):
         """Read this process's logs (again, after its last line, when it is known)."""
-        source = self.sources.get(info["Id"])
+        source = self.sources.get(process.id)
         if source is None:
-            source = self.sources[info["Id"]] = LogSource(info)
+            source = self.sources[process.id] = LogSource(process)
             width = max(len(s.name) for s in self.sources.values())
             for index, each in enumerate(self.sources.values()):
                 text = "%s | " % each.name.ljust(width)
@@ -6157,21 +6187,18 @@ class LogFollower:
             query.pop("tail", None)
             query["since"] = stamp_seconds(source.last)
             source.skip = (source.last, source.repeats)
-        source.stream = self.engine.stream("/containers/%s/logs" % source.id, query)
+        source.stream = self.rack.log_stream(source.process, query)
         source.lines = LogLines(source.tty)
         self.by_sock[source.stream.sock] = source
         self.merge.join(source)
         if source.stream.early:
             self._read(source, source.stream.early)
 
-    def watch(self, accept):
-        """Follow the engine's events: a process for which ``accept(labels)`` holds is
-        read from the moment it starts (SPEC §9: within 1 s)."""
-        self.accept = accept
-        query = {"filters": {"type": ["container"], "event": ["start"]}}
-        if self.events_since is not None:
-            query["since"] = self.events_since
-        self.events = self.engine.stream("/events", query)
+    def watch(self, app, accept):
+        """Follow the rack's events: a process of ``app`` for which ``accept(process)``
+        holds is read from the moment it starts (SPEC §9: within 1 s)."""
+        self.accept = (app, accept)
+        self.events = self.rack.starts(self.events_since)
         self.events_rest = self.events.early
 
     def _event_lines(self, data):
@@ -6182,16 +6209,12 @@ class LogFollower:
                 event = json.loads(line.decode("utf-8"))
             except ValueError:
                 continue
-            actor = event.get("Actor") or {}
-            ident = actor.get("ID") or event.get("id")
             if event.get("timeNano"):
                 self.events_since = "%d.%09d" % divmod(event["timeNano"], 10 ** 9)
-            if not ident or not self.accept(actor.get("Attributes") or {}):
-                continue
-            try:
-                self.add(self.engine.inspect(ident))
-            except NotFound:
-                continue  # gone again already
+            app, accept = self.accept
+            process = self.rack.started(event, app)
+            if process is not None and accept(process):
+                self.add(process)
 
     def _read(self, source, data):
         entries = source.take(source.lines.feed(data))
@@ -6205,13 +6228,11 @@ class LogFollower:
         if self.follow and not self.until:
             # The engine ends a followed stream when the process stops; a stream that ends
             # while the process runs was cut, and goes on after its last line.
-            try:
-                running = self.engine.inspect(source.id)["State"].get("Running")
-            except NotFound:
-                running = False
-            if running:
+            process = self.rack.refresh(source.process)
+            if process is not None and process.running:
                 time.sleep(0.1)  # a stream the engine keeps cutting costs no busy loop
-                self.add(self.engine.inspect(source.id))
+                source.process = process
+                self.add(process)
                 return
         self.merge.leave(source)
 
@@ -6250,7 +6271,7 @@ class LogFollower:
                         self._event_lines(data)
                     else:  # the engine went away, or restarts: ask again, or fail
                         self.events.close()
-                        self.watch(self.accept)
+                        self.watch(*self.accept)
                 elif data:
                     self._read(self.by_sock[sock], data)
                 else:
@@ -6260,7 +6281,7 @@ class LogFollower:
 def cmd_logs(ctx):
     """convox logs [PID]"""
     args = ctx.args
-    engine = ctx.engine
+    rack = ctx.rack
     app, inferred = ctx.app()
     query = {"stdout": 1, "stderr": 1, "timestamps": 1, "tail": args.tail}
     if args.tail is not None and args.tail < 0:
@@ -6274,28 +6295,25 @@ def cmd_logs(ctx):
     colour = args.format == "compose" and not args.no_color and \
         not ctx.environ.get("NO_COLOR") and os.isatty(fd)
     needle = None if args.filter is None else args.filter.encode("utf-8", "surrogateescape")
-    follower = LogFollower(engine, fd, LOG_FORMATS[args.format], query, needle,
+    follower = LogFollower(rack, fd, LOG_FORMATS[args.format], query, needle,
                            follow=args.follow, until=bool(args.until), colour=colour)
     services = set(args.service or ())
     if args.pid:
-        infos = [find_process(engine, app, args.pid).info]
+        processes = [rack.find(app, args.pid)]
     else:
-        def accept(labels):
-            c_app, c_service, _, _ = identity(labels)
-            return c_app == app and (not services or c_service in services)
+        def accept(process):
+            return not services or process.service in services
         if args.follow:  # before the list: a process that starts meanwhile is not missed
-            follower.watch(accept)
-        apps = Apps(engine, app)
-        apps.require_app(app, inferred)
-        unknown = sorted(services - set(apps.services(app)))
+            follower.watch(app, accept)
+        rack.require_app(app, inferred)
+        unknown = sorted(services - set(rack.services(app)))
         if unknown:
             raise ConvoxError("no such service: %s (app %s); services: %s — see convox ps"
-                              % (", ".join(unknown), app, ", ".join(apps.services(app))))
-        infos = [p.info for p in apps.processes(app)
-                 if not services or p.service in services]
+                              % (", ".join(unknown), app, ", ".join(rack.services(app))))
+        processes = [p for p in rack.processes(app, all=True) if accept(p)]
     try:
-        for info in sorted(infos, key=lambda info: info.get("Created") or ""):
-            follower.add(info)
+        for process in sorted(processes, key=lambda process: process.created):
+            follower.add(process)
         follower.run()
     except KeyboardInterrupt as exc:
         if exc.args and exc.args[0] != signal.SIGINT:

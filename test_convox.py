@@ -1220,8 +1220,8 @@ class LogMergeTest(unittest.TestCase):
 
 class LogSourceTest(unittest.TestCase):
     def test_resume_skips_what_was_read(self):
-        source = convox.LogSource({"Id": "c" * 64, "Config": {"Labels": {
-            convox.LABEL_SERVICE: "web"}}})
+        source = convox.LogSource(convox.Process({"Id": "c" * 64, "Config": {"Labels": {
+            convox.LABEL_SERVICE: "web"}}}))
         first = [(b"1", 1, b"a"), (b"2", 1, b"b"), (b"2", 1, b"c")]
         self.assertEqual(source.take(first), first)
         self.assertEqual((source.last, source.repeats), (b"2", 2))
