@@ -7162,8 +7162,12 @@ def _attached(verb, args):
 
 def _report(environ, message, status):
     if environ.get("CONVOX_DEBUG"):
-        import traceback
-        traceback.print_exc()
+        import traceback  # its lines carry the message's foreign text too: escaped
+        try:
+            sys.stderr.write("".join(printable(line) + "\n"
+                                     for line in traceback.format_exc().splitlines()))
+        except (OSError, ValueError):
+            pass
     notice(sys.stderr, "ERROR", message)
     return status
 

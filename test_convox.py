@@ -3415,9 +3415,12 @@ class HostileTextTest(unittest.TestCase):
         class Hostile(FakeEngine):
             def route(self, handler, method, path, query, body):
                 return self.reply(handler, 500, {"message": HOSTILE})
-        status, err = self.main(["-a", "shop", "ps"], {"CONVOX_RACK": self.fake(Hostile).url})
-        self.assertEqual(status, 1)
-        self.assertSafe(err)
+        url = self.fake(Hostile).url
+        for debug in ("", "1"):  # CONVOX_DEBUG's traceback carries the message too
+            status, err = self.main(["-a", "shop", "ps"], {"CONVOX_RACK": url,
+                                                           "CONVOX_DEBUG": debug})
+            self.assertEqual(status, 1)
+            self.assertSafe(err)
 
     def test_manifest_key_warning(self):
         folder = tempfile.mkdtemp(prefix="convox-hostile-")
