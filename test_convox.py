@@ -3949,6 +3949,99 @@ services:
         self.assertIn("convox | ok exited with code 0\n", out)
         self.assertEqual(self.processes_of(app), [])
 
+    COMPOSE_FEATURES = """\
+x-common: &common
+  environment:
+    COMMON: shared by anchor
+  labels:
+    team: core
+services:
+  db:
+    <<: *common
+    image: {image}
+    command: sh -c 'sleep 2; echo kept > /data/marker; touch /ready; echo db ready; sleep 3'
+    healthcheck:
+      test: ["CMD", "test", "-f", "/ready"]
+      interval: 500ms
+      retries: 60
+    volumes:
+      - vol:/data
+  web:
+    <<: *common
+    build:
+      context: .
+      target: app
+    env_file: web.env
+    command: sh -c 'echo "web= $$COMMON|$$URL|$$STAGE|$$(cat /data/marker)"'
+    depends_on:
+      db:
+        condition: service_healthy
+    volumes: [vol:/data]
+  debug:
+    image: {image}
+    profiles: [debug]
+    command: echo debug ran
+volumes:
+  vol:
+"""
+
+    def test_compose_features(self):
+        """An anchor + merge key, env_file with expansion, build.target, profiles, a named
+        volume PROJECT_vol and depends_on service_healthy: web starts once db is healthy."""
+        app = app_name("feat")
+        volume = "%s_vol" % app
+        self.addCleanup(lambda: self.engine.request("DELETE", "/volumes/%s" % volume,
+                                                    {"force": "1"}))
+        dockerfile = ("FROM {0} AS app\nENV STAGE=app-stage\n"
+                      "FROM {0} AS other\nENV STAGE=wrong-stage\n").format(self.image)
+        folder = self.app_dir("docker-compose.yml", self.COMPOSE_FEATURES.format(image=self.image), {
+            "Dockerfile": dockerfile,
+            "web.env": "DB_USER=admin\nURL=postgres://${DB_USER}@db/${DB_NAME:-app}\n"})
+        result = self.convox("-a", app, "start", cwd=folder, timeout=120,
+                             env={"COMPOSE_PROFILES": ""})
+        out = result.stdout.decode()
+        self.assertEqual(result.returncode, 0, out + result.stderr.decode())
+        self.assertIn("web    | web= shared by anchor|postgres://admin@db/app|app-stage|kept\n", out)
+        # db writes the marker only just before it turns healthy: web, which prints it,
+        # started after that.
+        self.assertLess(out.index("convox | web waits for db (service_healthy)"),
+                        out.index("convox | starting web"))
+        self.assertNotIn("debug", out)
+        info = self.engine.request("GET", "/volumes/%s" % volume)
+        self.assertEqual(info["Name"], volume)
+        self.assertEqual(self.processes_of(app), [])
+
+    def test_dependency_that_fails_its_condition(self):
+        app = app_name("cond")
+        folder = self.app_dir("compose.yaml", """\
+services:
+  tools:
+    image: {image}
+    profiles: [tools]
+    command: echo tools ran
+  migrate:
+    image: {image}
+    command: sh -c 'echo migrating; exit 3'
+  web:
+    image: {image}
+    command: echo web ran
+    depends_on:
+      migrate: {{condition: service_completed_successfully}}
+""".format(image=self.image))
+        result = self.convox("-a", app, "start", cwd=folder, timeout=60)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertOneErrorLine(result)
+        self.assertIn("ERROR: migrate exited with code 3, but web needs it to complete "
+                      "successfully", result.stderr.decode())
+        self.assertNotIn(b"web ran", result.stdout)
+        self.assertNotIn(b"starting tools", result.stdout)  # not in an active profile
+        self.assertEqual(self.processes_of(app), [])
+        # --profile (or COMPOSE_PROFILES) starts the services of that profile too.
+        for args, env in ((["--profile", "tools"], {}), ([], {"COMPOSE_PROFILES": "x,tools"})):
+            result = self.convox("-a", app, "start", *args, cwd=folder, timeout=60, env=env)
+            self.assertIn(b"convox  | starting tools\n", result.stdout)
+            self.assertEqual(self.processes_of(app), [])
+
     def test_syntax_error_names_line(self):
         folder = self.app_dir("convox.yml", "services:\n  web:\n    image: x\n  bad: [\n")
         result = self.convox("-a", app_name("bad"), "start", cwd=folder)
