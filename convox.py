@@ -3803,7 +3803,7 @@ _CONVOX_SERVICE_IGNORED = (
 _CONVOX_SCALE_IGNORED = ('count', 'cpu', 'gpu', 'targets', 'keda', 'vpa', 'min', 'max', 'autoscale')
 _COMPOSE_TOP_IGNORED = ('version', 'networks', 'secrets', 'configs')
 # Accepted quietly: they only affect naming/networking/restarts that convox start manages itself.
-_COMPOSE_SERVICE_QUIET = ('container_name', 'networks', 'restart', 'expose', 'deploy')
+_COMPOSE_SERVICE_QUIET = ('container_name', 'networks', 'expose', 'deploy')
 _MEMORY_UNITS = {'': 1, 'b': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30, 't': 1 << 40, 'p': 1 << 50}
 
 
@@ -3825,6 +3825,8 @@ class Service(object):
         self.healthcheck = None   # the engine's Config.Healthcheck, or None for the image's
         self.conditions = {}      # dependency -> service_started|_healthy|_completed_successfully
         self.profiles = []        # compose profiles: start only when one is active or named
+        self.working_dir = ''
+        self.user = ''
 
     def __repr__(self):
         return '<Service %s>' % self.name
@@ -4567,6 +4569,8 @@ def _compose_service(name, where, spec, ctx):
             svc.healthcheck = _compose_healthcheck(value, ctx, at)
         elif key == 'profiles':
             svc.profiles = _string_list(value, ctx, at, 'a list of profile names')
+        elif key in ('working_dir', 'user'):
+            setattr(svc, key, _scalar_str(_expect(value, (str, int), ctx, at, 'a string'), ctx, at))
         elif key == 'links':
             svc.links.extend(link.split(':')[0] for link in _string_list(value, ctx, at))
         elif key == 'mem_limit':
@@ -6606,6 +6610,10 @@ class LocalApp:
             config["Entrypoint"] = service.entrypoint
         if service.healthcheck is not None:
             config["Healthcheck"] = service.healthcheck
+        if service.working_dir:
+            config["WorkingDir"] = service.working_dir
+        if service.user:
+            config["User"] = service.user
         binds, anonymous = [], {}
         for volume in service.volumes:
             if volume["type"] == "bind" or volume["source"]:
@@ -6690,7 +6698,8 @@ class LocalApp:
         return {
             "Image": config["Image"],
             "Config": {"Env": config["Env"], "Labels": config["Labels"],
-                       "Entrypoint": config.get("Entrypoint"), "WorkingDir": "", "User": ""},
+                       "Entrypoint": config.get("Entrypoint"),
+                       "WorkingDir": config.get("WorkingDir", ""), "User": config.get("User", "")},
             "HostConfig": config["HostConfig"],
             "Mounts": mounts,
             "NetworkSettings": {"Networks": {self.network: {"Aliases": [name]}}

@@ -2464,7 +2464,7 @@ class LoadManifestTest(unittest.TestCase):
             'volumes': [],
             'links': ['redis'],
             'labels': {},
-            'healthcheck': None, 'conditions': {}, 'profiles': [],
+            'healthcheck': None, 'conditions': {}, 'profiles': [], 'working_dir': '', 'user': '',
         })
         self.assertEqual(vars(worker), {
             'name': 'worker',
@@ -2484,7 +2484,7 @@ class LoadManifestTest(unittest.TestCase):
             ],
             'links': ['redis', 'web'],
             'labels': {},
-            'healthcheck': None, 'conditions': {}, 'profiles': [],
+            'healthcheck': None, 'conditions': {}, 'profiles': [], 'working_dir': '', 'user': '',
         })
         self.assertEqual((redis.build, redis.image, redis.command, redis.environment, redis.ports),
                          (None, 'redis:7.2', None, base_env,
@@ -2576,7 +2576,7 @@ class LoadManifestTest(unittest.TestCase):
             'links': ['db', 'cache'],
             'labels': {'com.example.role': 'web', 'com.example.flag': ''},
             'healthcheck': None, 'conditions': {'db': 'service_healthy'},
-            'profiles': [],
+            'profiles': [], 'working_dir': '', 'user': '',
         })
         self.assertEqual((db.image, db.environment, db.memory, db.labels, db.build),
                          ('postgres:15', {'POSTGRES_PASSWORD': 'devpass', 'POSTGRES_DB': 'app'}, 256,
@@ -2587,6 +2587,7 @@ class LoadManifestTest(unittest.TestCase):
             'docker-compose.yml: services.web.volumes: volumes of type tmpfs are not supported '
             'and are ignored',
             'docker-compose.yml: services.web.tty is not supported and is ignored',
+            'docker-compose.yml: services.web.restart is not supported and is ignored',
         ])
         self.assertEqual(m.dependencies('web'), ['db', 'cache', 'web'])
 
@@ -2695,6 +2696,8 @@ services:
     build:
       context: .
       target: app
+    working_dir: /srv
+    user: "1000:1000"
     healthcheck:
       test: curl -f http://localhost/
       interval: 1m30s
@@ -2773,6 +2776,7 @@ class ComposeRuntimeKeysTest(unittest.TestCase):
         self.assertEqual(config['HostConfig']['Binds'],
                          ['shop_data:/data', 'team-shared:/shared', 'ext:/ext'])
         self.assertEqual(config['Healthcheck'], web.healthcheck)
+        self.assertEqual((config['WorkingDir'], config['User']), ('/srv', '1000:1000'))
         self.assertNotIn('Healthcheck', local.container_config('cache'))
 
     def test_convox_volumes_keep_their_names(self):
