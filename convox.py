@@ -2086,7 +2086,11 @@ class LogLines:
 
     def feed(self, data):
         if self.demux is not None:
-            return self._entries(self.demux.feed(data))
+            try:
+                return self._entries(self.demux.feed(data))
+            except StreamError as exc:  # the lines before the engine's error still count
+                exc.entries = self._entries(exc.output)
+                raise
         lines = (self.rest + bytes(data)).split(b"\n")
         self.rest = lines.pop()
         # A TTY's output ends its lines with CRLF: the CR is the terminal's, not the line's.
@@ -6221,8 +6225,12 @@ class LogFollower:
                 self.add(process)
 
     def _read(self, source, data):
-        entries = source.take(source.lines.feed(data))
-        self.merge.add(source, entries, time.monotonic())
+        try:
+            entries = source.lines.feed(data)
+        except StreamError as exc:
+            self.merge.add(source, source.take(exc.entries), time.monotonic())
+            raise
+        self.merge.add(source, source.take(entries), time.monotonic())
 
     def _ended(self, source):
         del self.by_sock[source.stream.sock]
@@ -6240,19 +6248,19 @@ class LogFollower:
                 return
         self.merge.leave(source)
 
-    def run(self):
-        """Until every stream has ended (with events: until interrupted)."""
+    def close(self):
+        """Print what still waits (also on errors: output is never lost); close streams."""
         try:
-            self._loop()
-        finally:
             self.merge.release(time.monotonic(), everything=True)
             self.flush()
+        finally:
             for source in list(self.by_sock.values()):
                 source.stream.close()
             if self.events is not None:
                 self.events.close()
 
-    def _loop(self):
+    def run(self):
+        """Until every stream has ended (with events: until interrupted)."""
         if self.events is not None and self.events_rest:
             self._event_lines(b"")
         while self.by_sock or self.events is not None:
@@ -6302,26 +6310,30 @@ def cmd_logs(ctx):
     follower = LogFollower(rack, fd, LOG_FORMATS[args.format], query, needle,
                            follow=args.follow, until=bool(args.until), colour=colour)
     services = set(args.service or ())
-    if args.pid:
-        processes = [rack.find(app, args.pid)]
-    else:
-        def accept(process):
-            return not services or process.service in services
-        if args.follow:  # before the list: a process that starts meanwhile is not missed
-            follower.watch(app, accept)
-        rack.require_app(app, inferred)
-        unknown = sorted(services - set(rack.services(app)))
-        if unknown:
-            raise ConvoxError("no such service: %s (app %s); services: %s — see convox ps"
-                              % (", ".join(unknown), app, ", ".join(rack.services(app))))
-        processes = [p for p in rack.processes(app, all=True) if accept(p)]
+
+    def accept(process):
+        return not services or process.service in services
     try:
+        if args.pid:
+            processes = [rack.find(app, args.pid)]
+        else:
+            if args.follow:  # before the list: a process that starts meanwhile is not missed
+                follower.watch(app, accept)
+            rack.require_app(app, inferred)
+            known = rack.services(app)
+            unknown = sorted(services - set(known))
+            if unknown:
+                raise ConvoxError("no such service: %s (app %s); services: %s — see convox ps"
+                                  % (", ".join(unknown), app, ", ".join(known)))
+            processes = [p for p in rack.processes(app, all=True) if accept(p)]
         for process in sorted(processes, key=lambda process: process.created):
             follower.add(process)
         follower.run()
     except KeyboardInterrupt as exc:
         if exc.args and exc.args[0] != signal.SIGINT:
             raise
+    finally:
+        follower.close()
     return 0  # Ctrl-C ends following: that is how it ends (SPEC §9)
 
 

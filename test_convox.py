@@ -7188,6 +7188,70 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
                 self.assertRegex(text, r"ERROR: [^\n]+\r?\n$")
 
 
+class LogsFakeEngineTest(ReliabilityChecks, unittest.TestCase):
+    """Log-stream faults the real engine can't produce on demand (SPEC §9): a stream cut
+    mid-entry while the process runs is resumed from its last stamp, without duplicates;
+    an engine error frame is one ERROR line."""
+
+    STAMPS = [b"2026-12-02T10:00:0%d.000000000Z" % second for second in (1, 2, 2, 2, 3, 4)]
+
+    def fake(self, first_answer):
+        test = self
+
+        class LogEngine(FakeEngine):
+            def route(self, handler, method, path, query, body):
+                if not re.match(r"/containers/[^/]+/logs$", path):
+                    return super().route(handler, method, path, query, body)
+                test.queries.append(query)
+                handler.close_connection = True
+                handler.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: "
+                                    b"application/vnd.docker.raw-stream\r\n\r\n")
+                if len(test.queries) == 1:
+                    handler.wfile.write(first_answer)
+                    return  # cut: the connection closes, the process still runs
+                # since is inclusive, as Docker's: the lines of the last stamp come again
+                since = query.get("since")
+                handler.wfile.write(b"".join(
+                    log_frame(1, stamp, b"line %d\n" % index)
+                    for index, stamp in enumerate(test.STAMPS)
+                    if convox.stamp_seconds(stamp) >= since))
+                handler.wfile.flush()
+                self.stopping.wait(30)  # following: the stream stays open
+
+        self.queries = []
+        engine = LogEngine()
+        self.addCleanup(engine.close)
+        return engine, engine.add_container("shop", "web")
+
+    def test_cut_stream_resumes_without_duplicates(self):
+        entries = b"".join(log_frame(1, stamp, b"line %d\n" % index)
+                           for index, stamp in enumerate(self.STAMPS))
+        cut = entries.index(b"line 4") - 5  # inside the fifth entry's stamp
+        engine, ident = self.fake(entries[:cut])
+        proc = subprocess.Popen([sys.executable, CONVOX, "-a", "shop", "logs", ident[:12]],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=client_env(engine.url))
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        output = read_until(proc, b"line 5\n", timeout=20)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=10)
+        self.assertEqual((proc.returncode, err), (0, b""))
+        self.assertEqual([line.split(b" ", 2)[2] for line in (output + rest).splitlines()],
+                         [b"line %d" % index for index in range(6)])
+        self.assertEqual([q.get("since") for q in self.queries],
+                         [None, convox.stamp_seconds(self.STAMPS[3])])
+
+    def test_engine_error_frame(self):
+        engine, ident = self.fake(log_frame(1, self.STAMPS[0], b"before\n") +
+                                  struct.pack(">BxxxL", 3, 18) + b"log file corrupted")
+        result = subprocess.run([sys.executable, CONVOX, "-a", "shop", "logs", "--no-follow",
+                                 ident[:12]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                timeout=30, env=client_env(engine.url))
+        self.assertCleanFailure(result.returncode, result.stderr, 1)
+        self.assertIn(b"log file corrupted", result.stderr)
+        self.assertEqual(result.stdout.split(b" ", 2)[2], b"before\n")  # never lost
+
+
 # -- real faults: the engine killed, the kernel's OOM killer, a container killed -------------
 
 class PrivateDockerd:
@@ -7331,6 +7395,30 @@ class EngineDeathTest(ReliabilityChecks, TerminalTestCase):
                 sys.stderr.write("figures: engine killed mid-%s: client ended in %.2f s\n"
                                  % (verb, time.monotonic() - started))
                 self.assertCleanFailure(proc.returncode, err)
+        with self.subTest(verb="logs"):  # following: one ERROR line, status 1
+            if private.proc.poll() is not None:
+                private.start()
+            worker = builder.engine.create_container({
+                "Image": builder.image, "Cmd": ["sh", "-c", "echo started; sleep 3600"],
+                "Labels": {TEST_LABEL: RUN_ID, convox.LABEL_APP: app,
+                           convox.LABEL_SERVICE: "worker"},
+                "HostConfig": {"Init": True, "NetworkMode": "none"}})["Id"]
+            private.engine.start(worker)
+            proc = subprocess.Popen([sys.executable, CONVOX, "-a", app, "logs"],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=client_env(private.rack_url))
+            self.addCleanup(lambda p=proc: p.poll() is None and p.kill())
+            read_until(proc, b"service/worker/%s started\n" % worker[:12].encode())
+            private.kill()
+            started = time.monotonic()
+            try:
+                _, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                self.fail("logs did not end within 10 s of the engine's death")
+            sys.stderr.write("figures: engine killed mid-follow: logs ended in %.2f s\n"
+                             % (time.monotonic() - started))
+            self.assertCleanFailure(proc.returncode, err, expected=1)
 
     def test_oom_killed_mid_stream(self):
         app = app_name("oom")
