@@ -6689,8 +6689,9 @@ class FakeEngine:
     """
 
     def __init__(self, faults=(), api_version="1.41", min_version="1.12", tcp=False,
-                 exec_code=0, output=b"hello from the fake\n"):
+                 exec_code=0, output=b"hello from the fake\n", ping_headers=None):
         self.faults = set(faults)
+        self.ping_headers = ping_headers or {}
         self.api_version = api_version
         self.min_version = min_version
         self.exec_code = exec_code
@@ -6846,6 +6847,7 @@ class FakeEngine:
             if fault("never-ping"):
                 return self.hang(handler)
             headers = {"API-Version": self.api_version} if self.api_version else {}
+            headers.update(self.ping_headers)
             return self.reply(handler, 200, "OK", "text/plain; charset=utf-8", headers)
         if fault("500-json") and method == "POST" and path.endswith("/exec"):
             return self.reply(handler, 500, {"message": "cannot exec in a paused container"})
@@ -7054,6 +7056,20 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
         status, out, err, seconds = self.client(engine, "exec", *args, **env)
         self.assertCleanFailure(status, err, expect)
         return engine, out, err, seconds
+
+    def test_a_single_engine_is_told_from_a_swarm_manager_without_info(self):
+        # GET /info takes tens of ms on a busy engine: every command would pay for it.
+        for ping_headers, asked in (({}, ["/_ping", "/swarm"]),  # Docker 20.10: no header
+                                    ({"Swarm": "inactive"}, ["/_ping"])):
+            engine = FakeEngine(ping_headers=ping_headers)
+            self.addCleanup(engine.close)
+            engine.add_container(self.APP, "web")
+            status, out, err, _ = self.client(engine, "ps")
+            self.assertEqual((status, err), (0, b""))
+            self.assertEqual(len(out.splitlines()), 2)
+            paths = [path for _, _, path in engine.requests]
+            self.assertEqual(paths[:len(asked)], asked)
+            self.assertNotIn("/info", paths)
 
     def test_stream_cut_mid_frame(self):
         _, out, err, _ = self.exec_fault("cut-mid-frame")
