@@ -3803,7 +3803,8 @@ def interpolate(value, variables, filename, braces_only=False):
 
 # ---------------------------------------------------------------- manifest model
 
-_SERVICE_NAME = r'[a-z0-9][a-z0-9_.-]*\Z'
+#: Service names: Convox's, and the compose spec's (which allows upper case).
+_SERVICE_NAME = {'convox': r'[a-z0-9][a-z0-9_.-]*\Z', 'compose': r'[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z'}
 _VOLUME_NAME = r'[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z'
 _ENV_KEY = r'[A-Za-z_][A-Za-z0-9_.-]*\Z'
 # Real convox.yml keys (convox/convox pkg/manifest) that have no meaning for a local run.
@@ -3914,6 +3915,7 @@ class _Ctx(object):
         self.variables = variables  # environ over .env
         self.dotenv = dotenv  # the .env file alone: what convox's "*" entry expands to
         self.missing_required = set()
+        self.unsupported = {}  # warned key ('services.*.restart') -> services that have it
 
     def error(self, where, message):
         """A ManifestError naming the file and the key path."""
@@ -3921,8 +3923,30 @@ class _Ctx(object):
                              else '%s: %s' % (self.display, message))
 
     def warn(self, where):
-        """Record an ignored, unsupported key."""
-        self.manifest.warnings.append('%s: %s is not supported and is ignored' % (self.display, where))
+        """Record an ignored, unsupported key; the same key in several services is one line
+        (`services.*.restart … (57 services: a, b, …)`), so that real files stay readable."""
+        m = re.match(r'services\.([^.]+)\.(.+)\Z', where)
+        key = 'services.*.%s' % m.group(2) if m else where
+        services = self.unsupported.get(key)
+        if services is None:
+            services = self.unsupported[key] = []
+            self.manifest.warnings.append(key)  # a placeholder, written out by warnings_done()
+        services.append(m.group(1) if m else None)
+
+    def warnings_done(self):
+        """Turn the recorded keys into WARNING lines."""
+        warnings = self.manifest.warnings
+        for index, key in enumerate(warnings):
+            services = self.unsupported.get(key)
+            if services is None:
+                continue
+            if len(services) == 1:
+                key = key.replace('*', services[0], 1) if services[0] else key
+                warnings[index] = '%s: %s is not supported and is ignored' % (self.display, key)
+            else:
+                names = ', '.join(services[:3]) + (', …' if len(services) > 3 else '')
+                warnings[index] = '%s: %s is not supported and is ignored (%d services: %s)' % (
+                    self.display, key, len(services), names)
 
     def path(self, value):
         """Resolve a path from the manifest against the manifest's folder."""
@@ -4087,9 +4111,9 @@ def _service_map(top, ctx):
     out = []
     for key, spec in services.items():
         name = _key_str(key, ctx, 'services')
-        if not re.match(_SERVICE_NAME, name):
-            raise ctx.error('services.%s' % name, 'is not a valid service name — use lowercase '
-                                                  'letters, digits, "-", "_" and "."')
+        if not re.match(_SERVICE_NAME[ctx.manifest.kind], name):
+            raise ctx.error('services.%s' % name, 'is not a valid service name — use %sletters, '
+                            'digits, "-", "_" and "."' % ('lowercase ' * (ctx.manifest.kind == 'convox')))
         where = 'services.%s' % name
         if spec is None:
             spec = {}
@@ -4537,7 +4561,8 @@ def _compose_healthcheck(value, ctx, where):
                     raise ctx.error(at, 'must start with CMD, CMD-SHELL or NONE')
         elif key in _HEALTHCHECK_DURATIONS:
             check[_HEALTHCHECK_DURATIONS[key]] = _go_duration(item, ctx, at)
-        elif key == 'retries':
+        elif key == 'retries':  # "$RETRIES" interpolates to a string of digits
+            item = int(item) if isinstance(item, str) and item.isdigit() else item
             check['Retries'] = _expect(item, int, ctx, at, 'a number')
         elif key == 'disable':
             if _expect(item, bool, ctx, at, 'true or false'):
@@ -4681,7 +4706,7 @@ def _compose_top_volumes(value, ctx):
             elif option == 'external':
                 if _expect(item, bool, ctx, where + '.external', 'true or false'):
                     names.setdefault(key, key)
-            elif option != 'labels':
+            elif option != 'labels' and (option, item) != ('driver', 'local'):
                 ctx.warn('%s.%s' % (where, option))
     return names
 
@@ -4714,10 +4739,13 @@ def load_manifest(path, environ):
     ctx = _Ctx(manifest, display, variables, dotenv)
     if data is None:
         raise ctx.error('', 'the file is empty — add a "services:" section')
-    if kind == 'convox':
-        _build_convox(data, ctx)
-    else:
-        _build_compose(data, ctx)
+    try:
+        if kind == 'convox':
+            _build_convox(data, ctx)
+        else:
+            _build_compose(data, ctx)
+    finally:
+        ctx.warnings_done()
     return manifest
 
 

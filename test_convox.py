@@ -2626,8 +2626,11 @@ class LoadManifestTest(unittest.TestCase):
             ('convox.yml', 'services: {}\n', 'convox.yml: no services defined — add a "services:" section'),
             ('convox.yml', '# empty\n', 'convox.yml: the file is empty — add a "services:" section'),
             ('convox.yml', '- a\n', 'convox.yml: must be a mapping with a "services:" section'),
-            ('docker-compose.yml', 'services:\n  Web:\n    image: x\n',
-             'docker-compose.yml: services.Web is not a valid service name — use lowercase letters, '
+            ('convox.yml', 'services:\n  Web:\n    image: x\n',
+             'convox.yml: services.Web is not a valid service name — use lowercase letters, '
+             'digits, "-", "_" and "."'),
+            ('docker-compose.yml', 'services:\n  web/app:\n    image: x\n',
+             'docker-compose.yml: services.web/app is not a valid service name — use letters, '
              'digits, "-", "_" and "."'),
             ('docker-compose.yml', 'services:\n  web:\n    ports: ["80"]\n',
              'docker-compose.yml: services.web needs "image" or "build"'),
@@ -2778,6 +2781,22 @@ class ComposeRuntimeKeysTest(unittest.TestCase):
         self.assertEqual(config['Healthcheck'], web.healthcheck)
         self.assertEqual((config['WorkingDir'], config['User']), ('/srv', '1000:1000'))
         self.assertNotIn('Healthcheck', local.container_config('cache'))
+
+    def test_what_real_files_write(self):
+        # Sentry self-hosted: retries: $HEALTHCHECK_RETRIES; n8n: a service named initContainer;
+        # NetBox: volumes with driver: local.
+        m = self.load('x-check: &check\n  retries: $RETRIES\nservices:\n  initContainer:\n'
+                      '    image: x\n    healthcheck:\n      <<: *check\n      test: "true"\n'
+                      'volumes:\n  data:\n    driver: local\n', environ={'RETRIES': '7'})
+        self.assertEqual(m.services['initContainer'].healthcheck,
+                         {'Retries': 7, 'Test': ['CMD-SHELL', 'true']})
+        self.assertEqual(m.warnings, [])
+        # A key many services share is one WARNING line (Sentry's file has 57 restart:).
+        m = self.load('services:\n' + ''.join('  s%d:\n    image: x\n    restart: always\n' % k
+                                               for k in range(5)) + '    tty: true\n')
+        self.assertEqual([w.split(': ', 1)[1] for w in m.warnings], [
+            'services.*.restart is not supported and is ignored (5 services: s0, s1, s2, …)',
+            'services.s4.tty is not supported and is ignored'])
 
     def test_convox_volumes_keep_their_names(self):
         m = self.load('services:\n  web:\n    image: x\n    volumes: [data:/data]\n',
