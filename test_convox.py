@@ -8140,6 +8140,35 @@ class PodmanTest(ReliabilityChecks, TerminalTestCase):
                                                  r"[0-9a-f]{12}\n$")
 
 
+    def test_logs(self):
+        app = app_name("plogs")
+        web = self.container(app, "web", ("sh", "-c", "echo one; echo two >&2; sleep 1; "
+                                                      "echo three"))
+        label = b"service/web/%s " % web[:12].encode()
+        # PID follows the process until it ends: its whole output, then status 0
+        result = self.convox("-a", app, "logs", web[:12], timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        lines = result.stdout.splitlines()
+        self.assertEqual([line.split(b" ", 1)[1] for line in lines],
+                         [label + b"one", label + b"two", label + b"three"])
+        self.assertRegex(lines[0].decode(), r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ")
+        result = self.convox("-a", app, "logs", "--no-follow", "--format", "json")
+        records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+        self.assertEqual([(r["line"], r["stream"]) for r in records],
+                         [("one", "stdout"), ("two", "stderr"), ("three", "stdout")])
+        # following the app picks up a process that starts later (Podman's events)
+        proc = subprocess.Popen(
+            [sys.executable, CONVOX, "--rack", self.podman.rack_url, "-a", app, "logs"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=client_env("unix:///nowhere.sock"))
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        read_until(proc, b"three\n")
+        worker = self.container(app, "worker", ("echo", "late worker"))
+        read_until(proc, b"service/worker/%s late worker\n" % worker[:12].encode(), timeout=5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        self.assertEqual((proc.returncode, err), (0, b""))
+
     def test_run_passes_signals_on(self):
         app = app_name("psig")
         self.container(app, "web")
