@@ -5995,7 +5995,8 @@ def _wait_status(response):
 #: for ssh:// racks the ssh client, its PATH, HOME and agent, and where its socket goes).
 #: Nothing else: the client's environment, like its command line, may hold secrets.
 WATCHDOG_ENVIRON = ("DOCKER_TLS_VERIFY", "DOCKER_TLS", "DOCKER_CERT_PATH", "DOCKER_CONFIG",
-                    "HOME", "PATH", "SSH_AUTH_SOCK", "CONVOX_SSH_COMMAND", "TMPDIR")
+                    "HOME", "PATH", "SSH_AUTH_SOCK", "CONVOX_SSH_COMMAND", "TMPDIR",
+                    "XDG_CACHE_HOME")
 
 
 def spawn_watchdog(engine, container, timeout, environ):
@@ -6004,11 +6005,18 @@ def spawn_watchdog(engine, container, timeout, environ):
     and past the deadline stops and removes it.  A new program, not a fork that runs on: a
     fork shows the client's command line in ``ps`` (``--env DBPASS=…``) and its environment
     in /proc.  Its inputs are a rack URL, so that it reaches the engine on its own."""
-    program = getattr(globals().get("__loader__"), "archive", None) or __file__  # zipapp
-    argv = [sys.executable, os.path.abspath(program), "--watchdog", engine.rack.url,
-            container, "%d" % (time.time() + timeout + 1)]
+    program = os.path.abspath(
+        getattr(globals().get("__loader__"), "archive", None) or __file__)  # zipapp
+    argv = [sys.executable, program]
+    try:
+        with open(program, "rb") as handle:
+            if handle.read(10) == b"#!/bin/sh\n":
+                argv = ["/bin/sh", program]  # the launcher: the code compiled once, not again
+    except OSError:
+        pass
+    argv += ["--watchdog", engine.rack.url, container, "%d" % (time.time() + timeout + 1)]
     env = {key: environ[key] for key in WATCHDOG_ENVIRON if key in environ}
-    env["DOCKER_API_VERSION"] = engine.api_version()
+    env.update(DOCKER_API_VERSION=engine.api_version(), CONVOX_PYTHON=sys.executable)
     try:
         child = os.fork()
     except OSError:
@@ -6020,7 +6028,7 @@ def spawn_watchdog(engine, container, timeout, environ):
         os.setsid()
         if not os.fork():
             _become_daemon()
-            os.execve(sys.executable, argv, env)
+            os.execve(argv[0], argv, env)
     except BaseException:
         pass
     os._exit(0)
