@@ -4942,6 +4942,42 @@ class ExecTLSTest(ExecFixtures, EngineTestCase):
         self.assertEqual((result.returncode, result.stdout.strip()), (0, b"5"), result.stderr)
         self.assertNoneLeft(app)
 
+    def test_piped_stdin_ends_over_dockerds_own_tls(self):
+        """As above, against dockerd's own TLS listener (Go's crypto/tls, --tlsverify): a
+        private dockerd in a network namespace of its own, convox run inside it."""
+        tools = ("dockerd", "unshare", "nsenter", "ip")
+        if os.geteuid() != 0 or not all(shutil.which(tool) for tool in tools):
+            self.skipTest("needs root and dockerd, unshare, nsenter, ip: " + INSTALL_HINT)
+        tls = self.tls
+        private = PrivateDockerd([
+            "-H", "tcp://127.0.0.1:2376", "--tlsverify", "--tlscacert", tls.path("ca.pem"),
+            "--tlscert", tls.path("server-cert.pem"), "--tlskey", tls.path("server-key.pem")])
+        self.addCleanup(private.cleanup)
+        builder = Harness()
+        builder.engine = private.start()
+        inside = ["nsenter", "--net=/proc/%d/ns/net" % private.proc.pid]
+        subprocess.run(inside + ["ip", "link", "set", "lo", "up"], check=True, timeout=30)
+        builder._build_image()
+        app = app_name("tlsdockerd")
+        ident = builder.engine.create_container({
+            "Image": builder.image, "Cmd": ["sleep", "3600"],
+            "Labels": {TEST_LABEL: RUN_ID, convox.LABEL_APP: app, convox.LABEL_SERVICE: "web"},
+            "HostConfig": {"Init": True, "NetworkMode": "none"}})["Id"]
+        builder.engine.start(ident)
+        env = client_env("tcp://127.0.0.1:2376", DOCKER_TLS_VERIFY="1",
+                         DOCKER_CERT_PATH=tls.cert_path())
+        for payload in (b"hi\n", os.urandom(8 * 1024 * 1024)):
+            try:
+                result = subprocess.run(
+                    inside + [sys.executable, CONVOX, "-a", app, "exec", ident, "cat"],
+                    input=payload, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                    timeout=60)
+            except subprocess.TimeoutExpired:
+                self.fail("exec over dockerd's TLS did not end within 60 s")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(hashlib.sha256(result.stdout).hexdigest(),
+                             hashlib.sha256(payload).hexdigest())
+
 
 class ExecTerminalTest(ExecFixtures, TerminalTestCase):
     """``convox exec`` at a terminal (a pty of 100x30), as a person would use it."""
@@ -7299,7 +7335,8 @@ class PrivateDockerd:
     dockerd deletes the host's docker0, which would cut off the engine everyone else uses.
     """
 
-    def __init__(self):
+    def __init__(self, args=()):
+        self.args = list(args)  # more of dockerd's options (another -H, TLS)
         self.folder = tempfile.mkdtemp(prefix="convox-test-dockerd2-")
         self.sock = os.path.join(self.folder, "docker.sock")
         self.rack_url = "unix://" + self.sock
@@ -7313,7 +7350,7 @@ class PrivateDockerd:
              "--data-root", os.path.join(self.folder, "data"),
              "--exec-root", os.path.join(self.folder, "exec"),
              "--pidfile", os.path.join(self.folder, "dockerd.pid"),
-             "-H", self.rack_url, "--bridge=none", "--iptables=false"],
+             "-H", self.rack_url, "--bridge=none", "--iptables=false"] + self.args,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         for _ in deadline_loop(timeout, 0.2):
