@@ -54,7 +54,7 @@ Lifecycle of an attached session (``exec``; ``run`` differs only where noted)::
     pump <-----------------------+    stdin -> socket; socket -> stdout/stderr
      |  SIGWINCH (self-pipe) ----+--> POST /exec/EID/resize on the control connection
      |  detach keys ------------------> leave it running, status 0
-     |  stdin EOF -------------------> shutdown(SHUT_WR), with a TTY ^D: the process sees EOF
+     |  stdin EOF ----> shutdown(SHUT_WR) (TLS: close_notify), with a TTY ^D: the process sees EOF
      v
     socket EOF
     GET /exec/EID/json .............. ExitCode (polled briefly while still null)
