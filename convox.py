@@ -64,9 +64,10 @@ Without a TTY the stream carries 8-byte frame headers ([stream, 0, 0, 0, size32]
 
 Sections, in the order of the data: Constants, Errors, Transport (where the engine is, its
 socket), Engine API (thin methods returning dicts), Racks (what the verbs ask of a rack:
-processes, the engine that runs one, one-offs), Streams (demux, pump), Terminal (raw mode,
-size, signals), Apps and processes (labels, the one-off template), Manifest, Sync (start's
-Dockerfile copies, context snapshots, uploads), Commands (one function per verb), CLI.
+processes, the engine that runs one, one-offs, log streams), Streams (demux, pump, the logs
+merge), Terminal (raw mode, size, signals), Apps and processes (labels, the one-off
+template), Manifest, Sync (start's Dockerfile copies, context snapshots, uploads), Commands
+(one function per verb), CLI.
 
 The first lines are a launcher: run by name (``./convox.py``, ``convox`` on the PATH) the
 file starts under /bin/sh, which execs python3 (``CONVOX_PYTHON`` names another) with a
@@ -1162,7 +1163,8 @@ def _dechunk(data):
 # ==========================================================================================
 #
 # What the verbs ask of a rack -- the app's processes, the one exec enters, the engine that
-# runs a process, a new one-off -- so that no verb asks what kind of rack it runs on.
+# runs a process, a new one-off, a process's logs and the processes that start -- so that
+# no verb asks what kind of rack it runs on.
 # EngineRack is the rack of a single engine (Docker or Podman); a Swarm rack gives the same
 # methods.  (``Rack``, under Transport, is only where the engine is.)
 
@@ -6365,7 +6367,8 @@ def cmd_logs(ctx):
         if args.pid:
             processes = [rack.find(app, args.pid)]
         else:
-            if args.follow:  # before the list: a process that starts meanwhile is not missed
+            if args.follow and not args.until:
+                # Before the list: a process that starts meanwhile is not missed.
                 follower.watch(app, accept)
             rack.require_app(app, inferred)
             known = rack.services(app)
