@@ -2081,6 +2081,12 @@ def stamp_seconds(stamp):
     return "%d.%s" % (seconds, stamp[20:29].decode())
 
 
+#: Docker cuts a log line longer than this into entries (daemon/logger/copier.go).
+LOG_CUT = 16 * 1024
+#: Docker's stamp (RFC3339NanoFixed) and its space, where it starts a cut line's next piece.
+_CUT_STAMP = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")
+
+
 class LogLines:
     """The lines of one process's ``/containers/ID/logs`` stream (``timestamps=1``).
 
@@ -2107,6 +2113,10 @@ class LogLines:
                 raise
         lines = (self.rest + bytes(data)).split(b"\n")
         self.rest = lines.pop()
+        # A raw stream has no frames to tell a cut line by: its pieces run together, each
+        # after a stamp of its own.  Only a line over the engine's 16 KiB can be one.
+        lines = [line[:31] + _CUT_STAMP.sub(b"", line[31:]) if len(line) > LOG_CUT else line
+                 for line in lines]
         # A TTY's output ends its lines with CRLF: the CR is the terminal's, not the line's.
         return self._entries([(1, line[:-1] + b"\n" if line[-1:] == b"\r" else line + b"\n")
                               for line in lines])

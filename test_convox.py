@@ -1150,6 +1150,16 @@ class LogLinesTest(unittest.TestCase):
             self.assertEqual(self.collect(convox.LogLines(True), [data[:cut], data[cut:]]),
                              want, cut)
 
+    def test_tty_cut_line_joined(self):
+        # Docker cuts lines over 16 KiB; in a raw stream the pieces run together, each after
+        # a stamp of its own.
+        piece = b"y" * 16384
+        data = (self.S1 + b" " + piece + self.S2 + b" " + piece + self.S3 + b" end\r\n" +
+                self.S3 + b" short 2026-12-02T10:00:00.000000001Z kept\r\n")
+        self.assertEqual(self.collect(convox.LogLines(True), [data]),
+                         [(self.S1, 1, piece * 2 + b"end"),
+                          (self.S3, 1, b"short 2026-12-02T10:00:00.000000001Z kept")])
+
     def test_other_stamp_forms(self):
         # Podman writes whole seconds; an engine may write an offset.
         data = (log_frame(1, b"2026-12-02T10:00:00Z", b"podman\n") +
@@ -6616,12 +6626,18 @@ class LogsTest(RunTestCase):
         app = app_name("logslong")
         web = self.logged(app, "web", "head -c 100000 /dev/zero | tr '\\0' x; echo; "
                                       "seq 1 50000")
-        self.wait_exited(web)
+        tty = self.logged(app, "tty", "head -c 100000 /dev/zero | tr '\\0' y; echo",
+                          tty=True)
+        self.wait_exited(web, tty)
         output = self.logs("-a", app, "--no-follow", web[:12])
         self.assertEqual(len(output), 50001)
         self.assertTrue(output[0].endswith(b" service/web/%s %s" % (
             web[:12].encode(), b"x" * 100000)), output[0][:100])
         self.assertEqual(output[-1].split(b" ")[-1], b"50000")
+        output = self.logs("-a", app, "--no-follow", tty[:12])
+        self.assertEqual(len(output), 1)
+        self.assertTrue(output[0].endswith(b" service/tty/%s %s" % (
+            tty[:12].encode(), b"y" * 100000)), output[0][:100])
         # | head -n1: the pipe closes under it; quiet, 141
         proc = self.client("-a", app, "logs", web[:12])
         proc.stdout.readline()
