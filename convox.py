@@ -3556,7 +3556,11 @@ class _FlowParser(object):
         if self.s.startswith('<<', self.p) and self.s[self.p + 2:self.p + 3] in (' ', ':'):
             self.p += 2
             return _MERGE
-        return self.node()
+        at = self.p
+        key = self.node()
+        if isinstance(key, (list, dict)):  # {*alias: …} naming a collection
+            raise self.error('collections as mapping keys are not supported', at)
+        return key
 
     def separator(self, closer, start):
         """Consume the ',' between entries, or stop before the closing bracket."""

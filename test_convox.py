@@ -1821,6 +1821,7 @@ REJECTED = [
     ('a: &x [1]\nb:\n  <<: *x\n', 3, 'merge key (<<) takes a mapping'),
     ('a: &x {k: 1}\nb:\n  <<: *x\n  <<: *x\n', 4, "duplicate key '<<'"),
     ('- &a k: v\n', 1, 'anchor before a key'),
+    ('a: &x {k: 1}\nb: {*x : 1}\n', 2, 'collections as mapping keys'),
     ('a: !!str 1\n', 1, 'tags'),
     ('a:\n  b: !Ref x\n', 2, 'tags'),
     ('a: 1\n---\nb: 2\n', 2, 'second document'),
