@@ -4953,6 +4953,26 @@ class ExecTLSTest(ExecFixtures, EngineTestCase):
         self.assertEqual((result.returncode, result.stdout.strip()), (0, b"5"), result.stderr)
         self.assertNoneLeft(app)
 
+    def test_watchdog_reaches_a_tls_engine_on_its_own(self):
+        """The watchdog gets the rack URL and the TLS settings, nothing else, and enforces
+        the timeout through TLS after the client is SIGKILLed."""
+        app = app_name("tlsdog")
+        self.process(app, "web")
+        environ = client_env(self.tls.url, DOCKER_TLS_VERIFY="1",
+                             DOCKER_CERT_PATH=self.tls.cert_path())
+        proc = subprocess.Popen([sys.executable, CONVOX, "-a", app, "run", "--timeout", "3",
+                                 "web", "sleep", "600"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=environ, cwd=HERE)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        for _ in deadline_loop(20, 0.1):
+            if any(s.get("State") == "running" for s in self.processes_of(app, "process")):
+                break
+        proc.kill()
+        proc.wait(10)
+        self.assertTrue(self.processes_of(app, "process"))  # the client died; not the process
+        self.assertNoneLeft(app, within=20)
+
     def test_piped_stdin_ends_over_dockerds_own_tls(self):
         """As above, against dockerd's own TLS listener (Go's crypto/tls, --tlsverify): a
         private dockerd in a network namespace of its own, convox run inside it."""
