@@ -90,6 +90,8 @@ if _SIGINT_DEFERRED:
 import argparse
 import collections
 import errno
+import functools
+import io
 import json
 import os
 import posixpath
@@ -154,6 +156,16 @@ CONTROL_TIMEOUT = 60.0
 
 #: Bytes read from a socket or a local fd at once.
 CHUNK = 64 * 1024
+
+#: The largest answer to a control request (``ps --all`` on a host with 10,000 containers
+#: is about 30 MiB), and the largest error body read after a stream request.  Streams and
+#: builds have no limit.
+CONTROL_BODY_MAX = 64 * 1024 * 1024
+ERROR_BODY_MAX = 64 * 1024
+
+#: TCP keepalive on tcp:// and TLS racks (idle seconds, interval, probes): a stream or a
+#: build may be quiet for hours, but an engine host that is gone is noticed in a minute.
+KEEPALIVE = (30, 10, 3)
 
 #: What a non-blocking stream raises when it has nothing now (over TLS, also half a record:
 #: import_ssl adds ssl's errors).
@@ -265,6 +277,55 @@ def unix_socket(path, timeout):
         sock.close()
         raise
     return sock
+
+
+def _time_left(sock, deadline):
+    """Give the socket's next operation what is left until ``deadline`` (socket.timeout
+    when nothing is): a timeout per operation would let an engine that sends one byte a
+    second hold a request forever."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    sock.settimeout(left)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The reading side of a socket, against a deadline: http.client reads a head line by
+    line and a body in blocks, each of them as many recv() calls as it takes."""
+
+    def __init__(self, raw, sock, deadline):
+        super().__init__()
+        self.raw, self.sock, self.deadline = raw, sock, deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        _time_left(self.sock, self.deadline)
+        return self.raw.readinto(buffer)
+
+    def close(self):
+        self.raw.close()  # the socket's makefile(): the socket closes once both let go
+        super().close()
+
+
+class _ControlResponse(http.client.HTTPResponse):
+    """A response to a control request, read by the request's deadline."""
+
+    def __init__(self, sock, *args, deadline, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
+
+
+def _keep_alive(sock):
+    """TCP keepalive with KEEPALIVE's timing on an internet socket (as the Docker CLI's
+    dialer does), so that a quiet stream to a host that is gone ends."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
+        if hasattr(socket, name):  # Linux; macOS has only TCP_KEEPINTVL and TCP_KEEPCNT
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class Rack:
@@ -784,6 +845,7 @@ class Engine:
             # characters), and ssl.CertificateError on Python 3.6.
             conn.close()
             raise unreachable(self.rack, exc)
+        _keep_alive(conn.sock)
         self.connections += 1
         return conn
 
@@ -828,17 +890,21 @@ class Engine:
         return url
 
     def _roundtrip(self, method, url, body, headers, timeout):
-        """One request on the keep-alive connection -> (status, headers, body bytes)."""
+        """One request on the keep-alive connection -> (status, headers, body bytes).
+
+        ``timeout`` bounds the whole request, the body is at most CONTROL_BODY_MAX."""
+        deadline = time.monotonic() + timeout
         for attempt in (1, 2):
             fresh = self._conn is None
             if fresh:
                 self._conn = self.connect(timeout)
             conn = self._conn
-            conn.sock.settimeout(timeout)
+            conn.response_class = functools.partial(_ControlResponse, deadline=deadline)
             try:
+                _time_left(conn.sock, deadline)
                 conn.request(method, url, body=body, headers=headers)
                 response = conn.getresponse()
-                data = response.read()
+                data = self._read_control_body(response, method, url)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 # An idle keep-alive connection the engine closed: the request never reached
                 # it, so one retry on a new connection is safe.
@@ -863,6 +929,20 @@ class Engine:
             if response.will_close:
                 self.close()
             return response.status, response.headers, data
+
+    def _read_control_body(self, response, method, url):
+        """The body of a control response; EngineError beyond CONTROL_BODY_MAX (an engine
+        that announces 10 GB, or never ends, is not one to read into memory)."""
+        chunks, size = [], 0
+        while size <= CONTROL_BODY_MAX and (response.length or 0) <= CONTROL_BODY_MAX:
+            chunk = response.read(CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+        raise EngineError("the engine at %s answered %s %s with more than %d MiB — check that "
+                          "the rack is a Docker Engine API" % (
+                              self.rack.url, method, url.split("?")[0], CONTROL_BODY_MAX >> 20))
 
     def request(self, method, path, query=None, body=None, timeout=None):
         """Send a control request; return its decoded JSON (or None); raise on HTTP errors."""
@@ -911,7 +991,7 @@ class Engine:
         sock = conn.sock
         try:
             conn.endheaders(payload)
-            head, rest = _read_head(sock)
+            head, rest = _read_head(sock, time.monotonic() + self.timeout)
         except socket.timeout:
             sock.close()
             raise EngineUnavailable("the engine did not answer the stream request for %s "
@@ -1099,18 +1179,20 @@ class Engine:
         return self.request("GET", "/exec/%s/json" % exec_id)
 
 
-def _read_head(sock):
-    """Read an HTTP response head from a socket; return (head bytes, the bytes after it)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
+def _read_head(sock, deadline):
+    """Read an HTTP response head from a socket by ``deadline``; return (head bytes, the
+    bytes after it)."""
+    data, end = bytearray(), -1
+    while end < 0:
+        _time_left(sock, deadline)
         chunk = sock.recv(CHUNK)
         if not chunk:
             raise ConnectionResetError(errno.ECONNRESET, "connection closed")
         data += chunk
-        if len(data) > 1024 * 1024:
+        end = data.find(b"\r\n\r\n", max(0, len(data) - len(chunk) - 3))
+        if end < 0 and len(data) > 1024 * 1024:
             raise ConnectionResetError(errno.EPROTO, "response head too long")
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return head, rest
+    return bytes(data[:end]), bytes(data[end + 4:])
 
 
 def _parse_head(head):
@@ -1127,18 +1209,21 @@ def _parse_head(head):
 
 
 def _read_body(sock, rest, headers):
-    """The rest of a (small) error body after a response head."""
+    """The rest of an error body after a response head: what comes within 5 s, at most
+    ERROR_BODY_MAX bytes (only its start is shown)."""
     length = headers.get("Content-Length")
-    data = rest
-    sock.settimeout(5)
+    data, deadline = bytearray(rest), time.monotonic() + 5
     try:
-        while length is None or len(data) < int(length):
+        limit = min(ERROR_BODY_MAX, ERROR_BODY_MAX if length is None else int(length))
+        while len(data) < limit:
+            _time_left(sock, deadline)
             chunk = sock.recv(CHUNK)
             if not chunk:
                 break
             data += chunk
     except (OSError, ValueError):
         pass
+    data = bytes(data[:ERROR_BODY_MAX])
     if "chunked" in (headers.get("Transfer-Encoding") or ""):
         data = _dechunk(data)
     return data

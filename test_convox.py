@@ -6912,6 +6912,25 @@ class FakeEngine:
         self.stopping.wait(120)
         handler.close_connection = True
 
+    def hostile(self, handler, fault):
+        """Answers no engine gives: a body announced as 10 GB or one with no end, sent as
+        fast as the client reads; a head or a body at one byte a second."""
+        handler.close_connection = True
+        sock = handler.connection
+        head = {"huge-body": b"Content-Length: 10000000000\r\n",
+                "endless-body": b"Connection: close\r\n",
+                "trickle-body": b"Content-Length: 100\r\n",
+                "trickle-head": b"X-Slow: "}[fault]
+        with contextlib.suppress(OSError):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head +
+                         (b"" if fault == "trickle-head" else b"\r\n"))
+            while not self.stopping.is_set():
+                if fault.startswith("trickle"):
+                    sock.sendall(b" ")
+                    self.stopping.wait(1)
+                else:
+                    sock.sendall(b" " * (1 << 20))
+
     def handle(self, handler, method):
         parts = urllib.parse.urlsplit(handler.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
@@ -6944,6 +6963,9 @@ class FakeEngine:
             headers = {"API-Version": self.api_version} if self.api_version else {}
             headers.update(self.ping_headers)
             return self.reply(handler, 200, "OK", "text/plain; charset=utf-8", headers)
+        for hostile in self.faults & {"huge-body", "endless-body", "trickle-body",
+                                      "trickle-head"}:
+            return self.hostile(handler, hostile)
         if fault("500-json") and method == "POST" and path.endswith("/exec"):
             return self.reply(handler, 500, {"message": "cannot exec in a paused container"})
         if fault("500-text") and method == "POST" and path.endswith("/exec"):
@@ -7219,6 +7241,62 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
                 _, _, err, seconds = self.exec_fault(fault, CONVOX_TIMEOUT="1.5")
                 self.assertIn(b"did not answer", err)
                 self.assertLess(seconds, 15)
+
+    def test_hostile_control_answers(self):
+        """CONVOX_TIMEOUT bounds a whole control request and a control body is capped: a
+        body announced as 10 GB, one that never ends, a head and a body at one byte a second
+        each end in one ERROR line, in time and in little memory (under a 1 GiB address-space
+        limit, so that a client that reads on fails instead of filling the host)."""
+        import resource
+
+        def limited():
+            resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+        for fault, budget, message in (
+                ("huge-body", 3, b"with more than 64 MiB"),
+                ("endless-body", 5, b"(with more than 64 MiB|did not answer)"),
+                ("trickle-head", 5, b"did not answer GET .* within 2 s"),
+                ("trickle-body", 5, b"did not answer GET .* within 2 s")):
+            with self.subTest(fault):
+                engine = self.fake(fault)
+                started = time.monotonic()
+                with tempfile.TemporaryFile() as err:
+                    proc = subprocess.Popen(
+                        [sys.executable, CONVOX, "-a", self.APP, "ps"], preexec_fn=limited,
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                        env=client_env(engine.url, CONVOX_TIMEOUT="2"))
+                    pid = 0
+                    while not pid and time.monotonic() < started + 20:
+                        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                        time.sleep(0.01)
+                    if not pid:
+                        proc.kill()
+                        proc.wait()
+                        self.fail("%s: no end within 20 s" % fault)
+                    proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(
+                        os, "waitstatus_to_exitcode") else status >> 8
+                    seconds = time.monotonic() - started
+                    err.seek(0)
+                    text = err.read()
+                sys.stderr.write("test: %s: %.2f s, peak RSS %d MiB\n"
+                                 % (fault, seconds, usage.ru_maxrss >> 10))
+                self.assertCleanFailure(proc.returncode, text, 1)
+                self.assertRegex(text, message)
+                self.assertLess(seconds, budget)
+                self.assertLess(usage.ru_maxrss >> 10, 200)  # MiB
+
+    def test_keepalive_on_tcp(self):
+        """Streams and builds have no deadline, but on a tcp:// rack the socket has TCP
+        keepalive, so that one to a host that is gone ends."""
+        engine = self.fake(tcp=True)
+        client = convox.Engine(convox.parse_rack(engine.url), {})
+        self.addCleanup(client.close)
+        conn = client.connect(None)
+        self.addCleanup(conn.close)
+        options = [conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)] + [
+            conn.sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+            for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")]
+        self.assertEqual(options, [1, 30, 10, 3])
 
     def test_timeout_setting(self):
         engine = self.fake()
