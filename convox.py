@@ -2869,8 +2869,27 @@ _YAML_ESCAPES = {
 }
 _YAML_HEX_ESCAPES = {'x': 2, 'u': 4, 'U': 8}
 _PROPS_HELP = {
-    '!': 'tags (!tag, !!str) are not supported — quote the value if it must be a string',
+    '!': 'tags other than the core ones (!!str, !!int, !!float, !!bool, !!null, !!map, !!seq) '
+         'are not supported — quote the value if it must be a string',
 }
+#: YAML 1.2 core schema tags -> the Python type a value so tagged must have.
+_CORE_TAGS = {'str': str, 'int': int, 'float': float, 'bool': bool, 'null': type(None),
+              'map': dict, 'seq': list}
+
+
+def _core_tagged(tag, value, raw):
+    """`value` under a core tag (`raw`: the plain text, or None when it was not plain);
+    -> (value, None) or (None, what is wrong)."""
+    if raw is not None or (isinstance(value, str) and tag != 'str'):  # !!int "3" is 3
+        value = raw if tag == 'str' else _resolve_plain(value if raw is None else raw)
+    if value is None and tag == 'str':
+        value = ''  # "key: !!str" is the empty string
+    if tag == 'float' and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tag in ('int', 'float') and isinstance(value, bool) or not isinstance(value, _CORE_TAGS[tag]):
+        return None, 'the value does not fit its tag !!%s' % tag
+    return value, None
+
 _AFTER_COMMENT_HELP = ('a plain value cannot go on after a comment — '
                        'remove the comment or quote the value')
 _ANCHOR_NAME = r'[^\s,\[\]{}]+'
@@ -3223,8 +3242,9 @@ class _YamlParser(object):
             raise self.error(i + 1, 'missing key before ":"')
         return _resolve_plain(key_text), text[k + 1:]
 
-    def inline_value(self, i, text, parent_indent):
-        """Parse a value that starts on line i (text has no leading space)."""
+    def inline_value(self, i, text, parent_indent, raw=False):
+        """Parse a value that starts on line i (text has no leading space); `raw`: a plain
+        value is returned as its text, unresolved (for !!str)."""
         c = text[0]
         lineno = i + 1
         if c == '&':
@@ -3242,8 +3262,23 @@ class _YamlParser(object):
             self.pos = i + 1
             self.no_continuation(parent_indent)
             return self.alias(lineno, m.group(1))
-        if c in _PROPS_HELP:
-            raise self.error(lineno, _props_error(text))
+        if c == '!':
+            m = re.match('!!(%s)(?=[ \t]|\Z)' % '|'.join(_CORE_TAGS), text)
+            if not m:
+                raise self.error(lineno, _props_error(text))
+            rest = text[m.end():]
+            if _is_comment_rest(rest):
+                self.pos = i + 1
+                value, raw = self.block_node(parent_indent + 1, parent_indent), None
+            else:
+                rest = rest.lstrip(' \t')
+                plain = rest[0] not in '&*!|>[{"\'' and not _is_dash(rest)
+                value = self.inline_value(i, rest, parent_indent, raw=plain)
+                value, raw = (None, value) if plain else (value, None)
+            value, problem = _core_tagged(m.group(1), value, raw)
+            if problem:
+                raise self.error(lineno, problem)
+            return value
         if c in '|>':
             return self.block_scalar(i, text, parent_indent)
         if c in '[{':
@@ -3261,7 +3296,7 @@ class _YamlParser(object):
         if not commented:
             value += self.plain_continuation(parent_indent)
         self.no_continuation(parent_indent)
-        return _resolve_plain(value)
+        return value if raw else _resolve_plain(value)
 
     def plain_continuation(self, parent_indent):
         """The folded lines of a multi-line plain value below its first line (YAML 1.2 §7.3.3:
@@ -3541,8 +3576,22 @@ class _FlowParser(object):
             self.skip_space()
             empty = self.s[self.p:self.p + 1] in (',', ']', '}', '')
             return self.owner.define(m.group(1), None if empty else self.node())
-        if ch in _PROPS_HELP:
-            raise self.error(_props_error(self.s[self.p:]))
+        if ch == '!':
+            m = re.compile('!!(%s)(?=[ \t\n,\]}]|\Z)' % '|'.join(_CORE_TAGS)).match(self.s, self.p)
+            if not m:
+                raise self.error(_props_error(self.s[self.p:]))
+            at = self.p = m.end()
+            self.skip_space()
+            if self.s[self.p:self.p + 1] in (',', ']', '}', ''):
+                value, raw = None, ''
+            elif self.s[self.p] in '&*!"\'[{':
+                value, raw = self.node(), None
+            else:
+                value, raw = None, self.plain()
+            value, problem = _core_tagged(m.group(1), value, raw)
+            if problem:
+                raise self.error(problem, at)
+            return value
         if ch in '|>':
             raise self.error('block scalars (| or >) cannot be used inside [ ] or { }')
         if ch in ',]}:#' or (ch in '-?' and self.s[self.p + 1:self.p + 2] in ' \t\n,[]{}'):

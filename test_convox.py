@@ -1822,8 +1822,11 @@ REJECTED = [
     ('a: &x {k: 1}\nb:\n  <<: *x\n  <<: *x\n', 4, "duplicate key '<<'"),
     ('- &a k: v\n', 1, 'anchor before a key'),
     ('a: &x {k: 1}\nb: {*x : 1}\n', 2, 'collections as mapping keys'),
-    ('a: !!str 1\n', 1, 'tags'),
-    ('a:\n  b: !Ref x\n', 2, 'tags'),
+    ('a: !Ref x\n', 1, 'tags other than the core ones'),
+    ('a:\n  b: !reset []\n', 2, 'tags other than the core ones'),
+    ('a: [!!binary x]\n', 1, 'tags other than the core ones'),
+    ('a: !!int x\n', 1, 'does not fit its tag !!int'),
+    ('a: [!!map [1]]\n', 1, 'does not fit its tag !!map'),
     ('a: 1\n---\nb: 2\n', 2, 'second document'),
     ('a: 1\n...\n', 2, "'...'"),
     ('a:\n\tb: 1\n', 2, 'tabs'),
@@ -1949,6 +1952,11 @@ SCALARS = [
     ('{a: 1, "b c": [true], d: }', {'a': 1, 'b c': [True], 'd': None}), ('[]', []), ('{}', {}),
     ('{x, y: 1}', {'x': None, 'y': 1}), ('[a, b, ]', ['a', 'b']), ('["x" , y]', ['x', 'y']),
     ('{"k":1}', {'k': 1}),
+    # core-schema tags (YAML 1.2 §10.3): the value as tagged
+    ('!!str 0x1F', '0x1F'), ('!!str yes # c', 'yes'), ('!!str', ''), ('!!int "3"', 3),
+    ('!!float 1', 1.0), ('!!bool true', True), ('!!null ~', None),
+    ('[!!str 1, !!null , !!bool "true"]', ['1', None, True]), ('!!map {a: 1}', {'a': 1}),
+    ('!!seq [1]', [1]),
 ]
 
 
