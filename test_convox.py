@@ -3134,7 +3134,8 @@ COPY \\
             with open(os.path.join(root, name), "w") as handle:
                 handle.write(text)
         watch = convox.ContextWatch(root)
-        self.assertEqual(sorted(watch.snapshot), [".dockerignore", "a", "dir", "dir/b"])
+        self.assertEqual(sorted(os.path.relpath(path, root) for path in watch.snapshot),
+                         [".dockerignore", "a", "dir", "dir/b"])
         self.assertEqual(watch.changes(), ({}, {}))
         with open(os.path.join(root, "a"), "w") as handle:
             handle.write("11")

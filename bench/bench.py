@@ -41,6 +41,15 @@ Workloads (names for --only):
             docker logs ID, at 100,000 and 1,000,000 lines (--quick: 10,000 and 100,000);
             peak RSS must not grow with N
 
+Only when named (about 3 minutes, most of it waiting on purpose):
+
+    start-sync
+            convox start's file sync: time from a file written in the build context to
+            its change seen inside the running container (median of 20; a loop in the
+            container looks every 10 ms), and the CPU share of an idle `convox start`
+            whose context holds 10,000 files, with sync and with --no-sync (the
+            difference is the watcher's), beside the cost of one look at the tree
+
 Only when named (they bring up a Swarm of three private dockerds in network namespaces,
 as the tests do: root, ip, nsenter, unshare; the host's engine is not touched):
 
@@ -84,8 +93,8 @@ import convox  # noqa: E402  (the engine client; the tool under test runs as a s
 
 BENCH_LABEL = "convox.bench"
 MIB = 1024 * 1024
-WORKLOADS = ("ps", "exec", "stdout", "stdin", "run", "tty", "rss", "logs", "swarm-ps",
-             "swarm-exec")
+WORKLOADS = ("ps", "exec", "stdout", "stdin", "run", "tty", "rss", "logs", "start-sync",
+             "swarm-ps", "swarm-exec")
 #: What a run without --only runs.
 DEFAULT_WORKLOADS = WORKLOADS[:8]
 
@@ -113,6 +122,9 @@ class Settings:
         self.keystrokes = 50 if quick else 200
         self.log_lines = (10000, 100000) if quick else (100000, 1000000)
         self.log_pairs = pairs or (3 if quick else 5)
+        self.sync_probes = 5 if quick else 20
+        self.sync_files = 10000
+        self.cpu_window = 5.0 if quick else 20.0
 
 
 # ==========================================================================================
@@ -520,6 +532,7 @@ class Bench:
         self.settings = settings
         self.run_id = "%x%s" % (os.getpid(), os.urandom(2).hex())
         self.app = "bench-%s" % self.run_id
+        self.sync_app = self.app + "-sync"  # what start-sync's convox start runs
         self.rack = convox.resolve_rack(None, os.environ)
         self.engine = convox.Engine(self.rack, os.environ)
         self.image = None
@@ -637,8 +650,10 @@ class Bench:
             time.sleep(delay)
             self.remove_containers(engine)
         try:
-            images = engine.request("GET", "/images/json", {
-                "filters": {"label": ["%s=%s" % (BENCH_LABEL, self.run_id)]}}) or []
+            images = {image["Id"]: image for label in (
+                "%s=%s" % (convox.LABEL_APP, self.sync_app), "%s=%s" % (BENCH_LABEL, self.run_id))
+                for image in engine.request("GET", "/images/json", {
+                    "filters": {"label": [label]}}) or []}.values()
             for image in images:
                 # By ID: its tags and, had a build been cut short, an untagged image too.
                 try:
@@ -656,7 +671,8 @@ class Bench:
         idents = set()
         try:
             for label in ("%s=%s" % (BENCH_LABEL, self.run_id),
-                          "%s=%s" % (convox.LABEL_APP, self.app)):
+                          "%s=%s" % (convox.LABEL_APP, self.app),
+                          "%s=%s" % (convox.LABEL_APP, self.sync_app)):
                 for summary in engine.containers(all=True, filters={"label": [label]}):
                     idents.add(summary["Id"])
         except convox.ConvoxError as exc:
@@ -992,6 +1008,142 @@ def workload_logs(bench):
     return rows
 
 
+class StartedApp:
+    """`convox start` of a bench app in the background, its output read line by line."""
+
+    def __init__(self, bench, folder, *words):
+        self.bench = bench
+        self.lines = []
+        self.proc = subprocess.Popen(
+            [bench.python, CONVOX, "-a", bench.sync_app, "start"] + list(words), cwd=folder,
+            env=bench.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        give_up = time.monotonic() + 300
+        while not any(b"convox | starting web" in line for line in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > give_up:
+                self.stop()
+                raise BenchError("convox start did not start: %s" % b"".join(
+                    self.lines[-5:]).decode("utf-8", "replace"))
+            time.sleep(0.05)
+
+    def _read(self):
+        for line in iter(self.proc.stdout.readline, b""):
+            self.lines.append(line)
+
+    def cpu_seconds(self):
+        """user + system time of the convox process so far (/proc/PID/stat)."""
+        with open("/proc/%d/stat" % self.proc.pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self):
+        with open("/proc/%d/status" % self.proc.pid) as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reader.join(10)
+        self.proc.stdout.close()
+
+
+def sync_context(bench, name, files):
+    """A build context: a Dockerfile copying everything to /app, a convox.yml whose web
+    service prints each new content of /app/probe.txt, and ``files`` small files."""
+    folder = os.path.join(bench.tmp, name)
+    os.makedirs(folder)
+    watcher = ("last=; while true; do v=$(cat /app/probe.txt 2>/dev/null); "
+               "if [ \"$v\" != \"$last\" ]; then echo \"seen $v\"; last=$v; fi; "
+               "usleep 10000; done")
+    texts = {"Dockerfile": "FROM %s\nWORKDIR /app\nCOPY . .\n" % bench.image,
+             "convox.yml": "services:\n  web:\n    build: .\n    command: [\"sh\", \"-c\", "
+                           "%s]\n" % json.dumps(watcher),
+             ".dockerignore": "convox.yml\n", "probe.txt": "start\n"}
+    for index in range(files):
+        texts["tree/d%03d/f%04d.txt" % (index // 100, index)] = "%d\n" % index
+    for rel, text in texts.items():
+        path = os.path.join(folder, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+    return folder
+
+
+def workload_start_sync(bench):
+    import random
+    s = bench.settings
+    rows = []
+    folder = sync_context(bench, "sync-latency", 0)
+    app = StartedApp(bench, folder)
+    try:
+        latencies = []
+        for probe in range(s.sync_probes + s.warmup):
+            progress("start-sync: probe %d/%d%s" % (probe + 1, s.sync_probes + s.warmup,
+                                                     " (warm-up)" if probe < s.warmup else ""))
+            time.sleep(random.uniform(0.3, 1.3))  # writes land at any moment of the poll
+            token = "p%d-%s" % (probe, os.urandom(3).hex())
+            needle = ("web    | seen %s" % token).encode()
+            began = time.monotonic()
+            with open(os.path.join(folder, "probe.txt"), "w") as handle:
+                handle.write(token + "\n")
+            while not any(line.startswith(needle) for line in app.lines[-20:]):
+                if time.monotonic() - began > 10:
+                    raise BenchError("a change to probe.txt did not arrive within 10 s")
+                time.sleep(0.002)
+            if probe >= s.warmup:
+                latencies.append(time.monotonic() - began)
+        rss = app.rss_kib()
+    finally:
+        app.stop()
+    rows.append({"workload": "start-sync", "case": "write -> seen in the container",
+                 "contender": "convox", "label": "convox start", "pairs": len(latencies),
+                 "floor": False, "wall_s": statistics.median(latencies), "cpu_s": None,
+                 "rss_kib": rss, "ratio": None,
+                 "note": "median of %d; min %s, max %s" % (
+                     len(latencies), fmt_time(min(latencies)), fmt_time(max(latencies)))})
+    folder = sync_context(bench, "sync-cpu", s.sync_files)
+    watch = convox.ContextWatch(folder)
+    looks = []
+    for _ in range(10):
+        began = time.process_time()
+        watch.scan()
+        looks.append(time.process_time() - began)
+    shares = {}
+    for words in ((), ("--no-sync",)):
+        progress("start-sync: CPU of an idle start over %d files%s" % (
+            s.sync_files, " ".join(("",) + words)))
+        app = StartedApp(bench, folder, *words)
+        try:
+            time.sleep(2)  # past the start-up
+            cpu, began = app.cpu_seconds(), time.monotonic()
+            time.sleep(s.cpu_window)
+            shares[words] = (app.cpu_seconds() - cpu) / (time.monotonic() - began)
+            rss = app.rss_kib()
+        finally:
+            app.stop()
+        rows.append({"workload": "start-sync", "case": "idle, %d files" % s.sync_files,
+                     "contender": "convox" + "".join(words), "label": "convox start %s" % (
+                         " ".join(words) or "(sync)"), "pairs": 1, "floor": False,
+                     "wall_s": s.cpu_window, "cpu_s": shares[words] * s.cpu_window,
+                     "rss_kib": rss, "ratio": None,
+                     "cpu_share": shares[words],
+                     "note": "%.2f%% of a core" % (shares[words] * 100) + (
+                         "; one look at the tree %s (median of 10), every %g s" % (
+                             fmt_time(statistics.median(looks)), convox.SYNC_INTERVAL)
+                         if not words else "")})
+    rows[-2]["watcher_share"] = shares[()] - shares[("--no-sync",)]
+    return rows
+
+
 #: The workloads by name, in the order they run.
 def swarm(bench):
     """The bench's Swarm (the tests' SwarmCluster), brought up on first use."""
@@ -1075,8 +1227,8 @@ def workload_swarm_exec(bench):
 
 RUNNERS = {"ps": workload_ps, "exec": workload_exec, "stdout": workload_stdout,
            "stdin": workload_stdin, "run": workload_run, "tty": workload_tty,
-           "rss": workload_rss, "logs": workload_logs, "swarm-ps": workload_swarm_ps,
-           "swarm-exec": workload_swarm_exec}
+           "rss": workload_rss, "logs": workload_logs, "start-sync": workload_start_sync,
+           "swarm-ps": workload_swarm_ps, "swarm-exec": workload_swarm_exec}
 
 
 # ==========================================================================================
@@ -1148,6 +1300,8 @@ def row_note(row):
         notes.append("precompiled/this %.2f" % row["pyc_ratio"])
     if row.get("growth") is not None:
         notes.append("RSS x%.2f from the small size" % row["growth"])
+    if row.get("note"):
+        notes.append(row["note"])
     return "; ".join(notes)
 
 
@@ -1231,6 +1385,15 @@ def evaluate(rows):
         if row.get("pyc_ratio"):
             targets.append(("  same, precompiled bytecode (%s)" % row["case"],
                             "%.2f" % row["pyc_ratio"], row["pyc_ratio"] <= 1.5))
+    for row in rows:
+        if row["workload"] == "start-sync" and row["contender"] == "convox" and \
+                "cpu_share" not in row:
+            targets.append(("start sync: write -> seen in the container < 2 s",
+                            fmt_time(row["wall_s"]), row["wall_s"] < 2.0))
+        if row.get("watcher_share") is not None:
+            targets.append(("start sync: watcher CPU < 2%% of a core (%s)" % row["case"],
+                            "%.2f%%" % (row["watcher_share"] * 100),
+                            row["watcher_share"] < 0.02))
     for row in find("tty", "docker"):
         targets.append(("tty echo p50 within 1 ms of docker CLI", "%+.2f ms" % (
             row["p50_diff_s"] * 1000), row["p50_diff_s"] <= 0.001))
