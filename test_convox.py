@@ -8350,6 +8350,44 @@ class PodmanTest(ReliabilityChecks, TerminalTestCase):
                 self.assertEqual(proc.returncode, status, err)
                 self.assertNoneLeft(app)
 
+    def test_start_syncs_prunes_and_cleans_up(self):
+        app = app_name("pstart")
+        folder = tempfile.mkdtemp(prefix="convox-podman-start-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.mkdir(os.path.join(folder, "src"))
+        for rel, text in (("Dockerfile", "FROM %s\nWORKDIR /app\nCOPY src/ ./code/\n" %
+                           self.image),
+                          ("convox.yml", "services:\n  web:\n    build: .\n    command: %s\n"
+                           % StartLoopTest.LOOP), ("src/a.txt", "one\n")):
+            with open(os.path.join(folder, rel), "w") as handle:
+                handle.write(text)
+        releases = []
+        for round_ in range(3):
+            proc = subprocess.Popen(
+                [sys.executable, CONVOX, "--rack", self.podman.rack_url, "-a", app, "start"],
+                cwd=folder, env=client_env("unix:///nowhere.sock"), stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT)
+            self.addCleanup(lambda proc=proc: proc.poll() is None and proc.kill())
+            read_until(proc, b"convox | starting web", timeout=180)
+            releases.append(self.processes_of(app)[0]["Labels"]["convox.release"])
+            if round_ == 0:
+                time.sleep(0.5)
+                with open(os.path.join(folder, "src/a.txt"), "w") as handle:
+                    handle.write("two\n")
+                read_until(proc, b"convox | sync web: 1 files", timeout=5)
+                result = self.convox("-a", app, "exec", "web", "cat", "/app/code/a.txt")
+                self.assertEqual((result.returncode, result.stdout), (0, b"two\n"),
+                                 result.stderr)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, 0, out)
+            self.assertEqual(self.processes_of(app), [])
+            names = [n["Name"] for n in self.engine.request("GET", "/networks")]
+            self.assertNotIn(app, names)
+        tags = [tag.rpartition(":")[2] for image in self.engine.request("GET", "/images/json")
+                for tag in image.get("RepoTags") or [] if "%s/web:" % app in tag]
+        self.assertEqual(sorted(tags), sorted(releases[1:]))
+
 
 def _stopped(signum, frame):
     raise KeyboardInterrupt  # unittest lets it through (and nothing else) to the clean-up
