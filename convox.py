@@ -3896,17 +3896,22 @@ def _interpolate_str(text, variables, filename, missing, braces_only):
         nxt = text[dollar + 1:dollar + 2]
         if nxt == '{':
             end = text.find('}', dollar) if braces_only else _closing_brace(text, dollar + 2)
-            if end == -2:
-                raise ManifestError('%s: "${" nested more than %d deep — simplify the '
-                                    'defaults' % (filename, INTERPOLATION_DEPTH))
-            if end < 0:
-                if braces_only:  # convox leaves what its pattern does not match
-                    out.append(text[dollar:])
-                    break
-                raise ManifestError('%s: unterminated "${" in %r — close it with "}" or write $$ '
-                                    'for a literal $' % (filename, text))
-            out.append(_interpolate_braced(text[dollar + 2:end], variables, filename, missing,
-                                           braces_only))
+            if end < 0 and braces_only:  # convox leaves what its pattern does not match
+                out.append(text[dollar:])
+                break
+            try:
+                if end == -2:
+                    raise ManifestError('%s: "${" nested more than %d deep — simplify the '
+                                        'defaults' % (filename, INTERPOLATION_DEPTH))
+                if end < 0:
+                    raise ManifestError('%s: unterminated "${" in %r — close it with "}" or write '
+                                        '$$ for a literal $' % (filename, text))
+                out.append(_interpolate_braced(text[dollar + 2:end], variables, filename, missing,
+                                               braces_only))
+            except ManifestError as exc:  # remember the innermost ${...}: its line is found later
+                if getattr(exc, 'fragment', None) is None:
+                    exc.fragment = text[dollar:end + 1] if end >= 0 else text[dollar:]
+                raise
             k = end + 1
             continue
         if not braces_only:
@@ -4861,6 +4866,18 @@ def _compose_top_volumes(value, ctx):
     return names
 
 
+def _located(exc, source, display):
+    """An interpolation error with the line of the file that holds its ${...} (values are
+    interpolated after parsing, so the line is found by the expression's text)."""
+    fragment = (getattr(exc, 'fragment', None) or '').split('\n', 1)[0]
+    message = str(exc)
+    if fragment and message.startswith(display + ': '):
+        for lineno, line in enumerate(source.splitlines(), 1):
+            if fragment in line and not line.lstrip().startswith('#'):
+                return ManifestError('%s:%d: %s' % (display, lineno, message[len(display) + 2:]))
+    return exc
+
+
 def read_dotenv(directory, environ):
     """The .env file of a manifest's folder as a dict (empty when there is none)."""
     path = os.path.join(directory, '.env')
@@ -4877,13 +4894,17 @@ def load_manifest(path, environ):
     kind = 'convox' if os.path.basename(full) in ('convox.yml', 'convox.yaml') else 'compose'
     if not os.path.isfile(full):
         raise ManifestError('%s: file not found' % display)
-    data = parse_yaml(_read_text(full, display), display)
+    source = _read_text(full, display)
+    data = parse_yaml(source, display)
     manifest = Manifest(full, kind)
     dotenv = read_dotenv(manifest.directory, environ)
     variables = dict(dotenv)
     variables.update(environ)
     manifest.variables = variables
-    data, missing = interpolate(data, variables, display, braces_only=(kind == 'convox'))
+    try:
+        data, missing = interpolate(data, variables, display, braces_only=(kind == 'convox'))
+    except ManifestError as exc:
+        raise _located(exc, source, display)
     for name in missing:
         manifest.warnings.append('%s: variable %s is not set; using an empty string' % (display, name))
     ctx = _Ctx(manifest, display, variables, dotenv)

@@ -2684,6 +2684,16 @@ class LoadManifestTest(unittest.TestCase):
                 self.assertEqual(self.error(name, text), expected)
                 os.remove(name)
 
+    def test_interpolation_error_names_file_and_line(self):
+        self.assertEqual(self.error('compose.yaml', 'services:\n  web:\n    image: x\n'
+                                    '    # image: ${TAG:?not this line}\n'
+                                    '    environment:\n      A: "${HOST:-${TAG:?set TAG}}"\n'),
+                         'compose.yaml:6: required variable TAG is missing a value: set TAG')
+        self.assertEqual(self.error('compose.yaml', 'services:\n  web:\n    image: x\n'
+                                    '    command: echo ${oops\n'),
+                         "compose.yaml:4: unterminated \"${\" in 'echo ${oops' — close it with \"}\" "
+                         "or write $$ for a literal $")
+
     def test_yaml_error_names_file_and_line(self):
         self.assertEqual(self.error('convox.yml', 'services:\n  web:\n    image: *img\n'),
                          'convox.yml:3: unknown alias *img — define &img before using it')
