@@ -1696,10 +1696,18 @@ class SwarmRack(EngineRack):
                 container = template["Spec"]["TaskTemplate"].get("ContainerSpec") or {}
                 prefix = container.get("Command") or self.image_config(
                     task.image, engine).get("Entrypoint") or []
+            forwarded = []
+
+            def forward(signum):  # a second of the same signal kills, as on one engine
+                forwarded.append(signum)
+                name = "KILL" if forwarded.count(signum) > 1 else \
+                    signal.Signals(signum).name[3:]
+                _quietly(signal_command, engine, task.id, name)
+
             status = exec_session(ctx, engine, task.id, list(prefix) + command,
                                   env=args.env, tty=ctx.stdio.wants_tty(args.tty),
                                   deadline=time.monotonic() + timeout if timeout else None,
-                                  signal_pipe=pending)
+                                  signal_pipe=pending, forward=forward)
             if status == "timeout":
                 raise TimeoutExpired("timeout after %d seconds" % timeout)
             if status == "detached":
@@ -1729,6 +1737,22 @@ class SwarmRack(EngineRack):
                 raise ConvoxError("the one-off did not start within %g s — see docker "
                                   "service ps %s" % (patience, service_id))
             time.sleep(0.05)
+
+
+#: Sends signal $1 to the command a Swarm one-off executes in its task: every process there
+#: but the task's init (PID 1), the ``sleep`` that holds the task (a child of PID 1) and
+#: this shell; as a terminal's Ctrl-C reaches the whole foreground job.  Builtins only.
+SIGNAL_SCRIPT = (
+    'for d in /proc/[0-9]*; do p=${d#/proc/}; { [ "$p" = 1 ] || [ "$p" = $$ ]; } && '
+    'continue; read -r s < "$d/stat" || continue; s=${s##*) }; set -- $s; '
+    '[ "$2" = 1 ] || kill -"$SIG" "$p"; done')
+
+
+def signal_command(engine, container, name):
+    """Signal the command executed in a Swarm one-off's task (SIGNAL_SCRIPT), at once."""
+    exec_id = engine.exec_create(container, {"Cmd": ["sh", "-c", SIGNAL_SCRIPT],
+                                             "Env": ["SIG=" + name]})["Id"]
+    engine.request("POST", "/exec/%s/start" % exec_id, body={"Detach": True, "Tty": False})
 
 
 #: Seconds an attached Swarm one-off's task holds beyond the timeout, so that the client's
@@ -5948,9 +5972,10 @@ def cmd_exec(ctx):
 
 
 def exec_session(ctx, engine, container, command, *, tty, env=None, workdir=None, user=None,
-                 keys_text=DEFAULT_DETACH_KEYS, deadline=None, signal_pipe=None):
+                 keys_text=DEFAULT_DETACH_KEYS, deadline=None, signal_pipe=None, forward=None):
     """Run COMMAND in a running container, attached (SPEC §5); -> its exit status, or
-    ``"detached"`` (the detach keys) or ``"timeout"`` (past ``deadline``)."""
+    ``"detached"`` (the detach keys) or ``"timeout"`` (past ``deadline``).  ``forward``:
+    as for ``session``."""
     stdio = ctx.stdio
     config = {
         "AttachStdin": stdio.stdin_fd is not None, "AttachStdout": True,
@@ -5962,7 +5987,7 @@ def exec_session(ctx, engine, container, command, *, tty, env=None, workdir=None
     try:
         outcome = session(stream, stdio, tty=tty, detach_keys=parse_detach_keys(keys_text),
                           resize=lambda rows, cols: engine.resize("exec", exec_id, rows, cols),
-                          deadline=deadline, signal_pipe=signal_pipe)
+                          deadline=deadline, signal_pipe=signal_pipe, forward=forward)
     finally:
         stream.close()
     if outcome in ("detached", "timeout"):

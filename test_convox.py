@@ -6480,13 +6480,28 @@ class SwarmRunTest(SwarmAppTestCase):
         update(dict(old, **labels))
         self.addCleanup(update, old)
 
-    def test_ctrl_c_leaves_no_service(self):
+    def test_ctrl_c_reaches_the_command_and_leaves_no_service(self):
         session = self.pty("-a", self.app, "run", "--no-tty", "web", "sh", "-c",
-                           "echo ready; sleep 60")
+                           'trap "echo got-int; exit 7" INT; echo ready; '
+                           'while :; do sleep 0.1; done')
         session.expect("ready")
         self.assertTrue(self.services_of(self.app))
         session.send("\x03")
-        self.assertEqual(session.wait(), 130)
+        session.expect("got-int")
+        self.assertEqual(session.wait(), 7)
+        self.assertNoServiceLeft(self.app, within=0.5)
+
+    def test_sigterm_reaches_the_command(self):
+        proc = subprocess.Popen(
+            [sys.executable, CONVOX, "-a", self.app, "run", "web", "sh", "-c",
+             'trap "echo got-term; exit 8" TERM; echo ready; while :; do sleep 0.1; done'],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=self.env())
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        read_until(proc, b"ready")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, out), (8, b"got-term\n"), err)
         self.assertNoServiceLeft(self.app, within=0.5)
 
     def test_tty_under_a_pty(self):
