@@ -1922,6 +1922,11 @@ YAML_SUITE = [
     ('quoted', "a: 'one\n\n  two'\nb: \"x\\\n  y\"\n", {'a': 'one\ntwo', 'b': 'xy'}),
     ('flow', 'a: [one\n  two, three]\n', {'a': ['one two', 'three']}),
     ('flow', 'a: ["one\n  two"]\n', {'a': ['one two']}),
+    ('compose config', 'web:\n  command:\n    - -c\n    - echo a long line that was wrapped\n'
+                       '      onto two\n  environment:\n    FOO: a long value\n      continued\n'
+                       '    BAR: "quoted and\n      wrapped"\n',
+     {'web': {'command': ['-c', 'echo a long line that was wrapped onto two'],
+              'environment': {'FOO': 'a long value continued', 'BAR': 'quoted and wrapped'}}}),
     ('G5U8', '- [-, -]\n', None),
     ('CVW2', '[ a, b, c,#invalid\n]\n', None),
     ('5LLU', 'block scalar: >\n \n  \n   \n invalid\n', None),
