@@ -4024,16 +4024,22 @@ services:
       retries: 60
     volumes:
       - vol:/data
+  migrate:
+    image: {image}
+    command: sh -c 'sleep 1; echo done > /data/migrated'
+    volumes: [vol:/data]
   web:
     <<: *common
     build:
       context: .
       target: app
     env_file: web.env
-    command: sh -c 'echo "web= $$COMMON|$$URL|$$STAGE|$$(cat /data/marker)"'
+    command: sh -c 'echo "web= $$COMMON|$$URL|$$STAGE|$$(cat /data/marker /data/migrated)"'
     depends_on:
       db:
         condition: service_healthy
+      migrate:
+        condition: service_completed_successfully
     volumes: [vol:/data]
   debug:
     image: {image}
@@ -4059,11 +4065,13 @@ volumes:
                              env={"COMPOSE_PROFILES": ""})
         out = result.stdout.decode()
         self.assertEqual(result.returncode, 0, out + result.stderr.decode())
-        self.assertIn("web    | web= shared by anchor|postgres://admin@db/app|app-stage|kept\n", out)
-        # db writes the marker only just before it turns healthy: web, which prints it,
-        # started after that.
-        self.assertLess(out.index("convox | web waits for db (service_healthy)"),
-                        out.index("convox | starting web"))
+        self.assertIn("web     | web= shared by anchor|postgres://admin@db/app|app-stage|kept\n"
+                      "web     | done\n", out)
+        self.assertIn("convox  | migrate exited with code 0\n", out)
+        # db writes the marker only just before it turns healthy, migrate its file just
+        # before it ends: web, which prints both, started after that.
+        self.assertLess(out.index("convox  | web waits for db (service_healthy)"),
+                        out.index("convox  | starting web"))
         self.assertNotIn("debug", out)
         info = self.engine.request("GET", "/volumes/%s" % volume)
         self.assertEqual(info["Name"], volume)
