@@ -3614,7 +3614,7 @@ class HostileInputTest(unittest.TestCase):
             handler, 302, b"", headers={"Location": "http://elsewhere/"}))
         status, line = self.main(["-a", "shop", "ps"], environ)
         self.assertEqual(status, 1)
-        self.assertIn("answered 302 Found to GET /containers/json (to http://elsewhere/)", line)
+        self.assertRegex(line, r"answered 302 Found to GET /[a-z/]+ \(to http://elsewhere/\)")
 
     def test_json_nested_100000_deep(self):
         environ = self.engine(lambda fake, handler, path: fake.reply(
@@ -3625,7 +3625,7 @@ class HostileInputTest(unittest.TestCase):
 
     def test_bad_started_at_offset(self):
         def route(fake, handler, path):
-            if path == "/containers/json":
+            if not re.match(r"/containers/[0-9a-f]+/json$", path):
                 return FakeEngine.route(fake, handler, "GET", path, {}, {})
             info = fake.inspect(next(iter(fake.containers.values())))
             info["State"]["StartedAt"] = "2024-01-01T00:00:00.5+xx:yy"
