@@ -3017,6 +3017,8 @@ class _YamlParser(object):
         self.virtual = {}  # line index -> (indent, text) for "- key: v" items re-read in place
         self.pos = 0
         self.anchors = {}  # &name -> the value it was last given
+        self.path = []     # keys from the root to the value being parsed
+        self.key_lines = {}  # "services.web.ports" -> the line of that key, for messages
         self.sizes = {}    # id(value) -> (value, values it stands for): alias expansion bound
         self.expanded = 0  # values aliases have repeated so far
 
@@ -3159,12 +3161,19 @@ class _YamlParser(object):
                 raise self.error(i + 1, 'duplicate key %r' % (key,))
             explicit.add(key)
             self.pos = i + 1
+            self.enter(key, i + 1)
             value = self.mapping_value(i, rest, n)
+            self.path.pop()
             if key is _MERGE:
                 self.merge(result, value, i + 1)
             else:
                 result[key] = value
         return result
+
+    def enter(self, key, lineno):
+        """Note that the value of `key` on line `lineno` is being parsed."""
+        self.path.append(key if isinstance(key, str) else json.dumps(key))
+        self.key_lines.setdefault('.'.join(self.path), lineno)
 
     def merge(self, result, value, lineno):
         """Apply a merge key: keys of the mapping(s) not given in this one; in a list, the
@@ -3690,11 +3699,13 @@ class _FlowParser(object):
             key = self.key()
             value = None
             self.skip_space()
+            self.owner.enter(key, self._lineno(key_at))
             if self.s[self.p:self.p + 1] == ':':
                 self.p += 1
                 self.skip_space()
                 if self.s[self.p:self.p + 1] not in (',', '}', ''):
                     value = self.node()
+            self.owner.path.pop()
             if key in explicit:
                 raise self.error('duplicate key %r' % (key,), key_at)
             explicit.add(key)
@@ -3737,9 +3748,12 @@ class _FlowParser(object):
             raise self.error("expected ',' or '%s'%s" % (closer, hint))
 
 
-def parse_yaml(text, filename):
-    """Parse a convox.yml/compose YAML document (a practical subset) into Python values."""
+def parse_yaml(text, filename, key_lines=None):
+    """Parse a convox.yml/compose YAML document (a practical subset) into Python values;
+    `key_lines` (a dict) receives the line of each key path ("services.web.ports")."""
     parser = _YamlParser(text, filename)
+    if key_lines is not None:
+        parser.key_lines = key_lines
     try:
         return parser.parse()
     except RecursionError:  # each level of nesting is a level of recursion
@@ -4095,9 +4109,16 @@ class _Ctx(object):
         self.dotenv = dotenv  # the .env file alone: what convox's "*" entry expands to
         self.missing_required = set()
         self.unsupported = {}  # warned key ('services.*.restart') -> services that have it
+        self.key_lines = {}  # key path -> line, from the parser
 
     def error(self, where, message):
-        """A ManifestError naming the file and the key path."""
+        """A ManifestError naming the file, the line of the key (or of the nearest key
+        above it that the file writes) and the key path."""
+        parts = where.split('.') if where else []
+        for n in range(len(parts), 0, -1):
+            line = self.key_lines.get('.'.join(parts[:n]))
+            if line:
+                return ManifestError('%s:%d: %s %s' % (self.display, line, where, message))
         return ManifestError('%s: %s %s' % (self.display, where, message) if where
                              else '%s: %s' % (self.display, message))
 
@@ -4919,7 +4940,8 @@ def load_manifest(path, environ):
     if not os.path.isfile(full):
         raise ManifestError('%s: file not found' % display)
     source = _read_text(full, display)
-    data = parse_yaml(source, display)
+    key_lines = {}
+    data = parse_yaml(source, display, key_lines)
     manifest = Manifest(full, kind)
     dotenv = read_dotenv(manifest.directory, environ)
     variables = dict(dotenv)
@@ -4932,6 +4954,7 @@ def load_manifest(path, environ):
     for name in missing:
         manifest.warnings.append('%s: variable %s is not set; using an empty string' % (display, name))
     ctx = _Ctx(manifest, display, variables, dotenv)
+    ctx.key_lines = key_lines
     if data is None:
         raise ctx.error('', 'the file is empty — add a "services:" section')
     try:

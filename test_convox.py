@@ -2547,7 +2547,7 @@ class LoadManifestTest(unittest.TestCase):
         self.assertEqual((web.ports[0]['container_port'], web.command), (8443, None))
         self.assertEqual(self.error('convox.yml', 'services:\n  web:\n    image: x\n'
                                                   '    command: echo "unclosed\n'),
-                         'convox.yml: services.web.command cannot be split into arguments: '
+                         'convox.yml:4: services.web.command cannot be split into arguments: '
                          'No closing quotation')
 
     def test_convox_star_env_build_args_and_memory_limit(self):
@@ -2637,51 +2637,51 @@ class LoadManifestTest(unittest.TestCase):
 
     def test_type_errors(self):
         cases = [
-            ('convox.yml', 'services: [a]\n', 'convox.yml: services must be a mapping of service names'),
+            ('convox.yml', 'services: [a]\n', 'convox.yml:1: services must be a mapping of service names'),
             ('convox.yml', 'services:\n  web:\n    port: [1]\n',
-             'convox.yml: services.web.port must be a number or "SCHEME:NUMBER" like http:3000 or '
+             'convox.yml:3: services.web.port must be a number or "SCHEME:NUMBER" like http:3000 or '
              'grpc:50051'),
             ('convox.yml', 'services:\n  web:\n    environment: 5\n',
-             'convox.yml: services.web.environment must be a list of KEY or KEY=default'),
+             'convox.yml:3: services.web.environment must be a list of KEY or KEY=default'),
             ('convox.yml', 'services:\n  web:\n    scale:\n      memory: lots\n',
-             'convox.yml: services.web.scale.memory must be a number of megabytes'),
+             'convox.yml:4: services.web.scale.memory must be a number of megabytes'),
             ('convox.yml', 'services:\n  web:\n    links: [db]\n',
-             "convox.yml: services.web depends on unknown service 'db' (services: web)"),
+             "convox.yml:2: services.web depends on unknown service 'db' (services: web)"),
             ('convox.yml', 'services: {}\n', 'convox.yml: no services defined — add a "services:" section'),
             ('convox.yml', '# empty\n', 'convox.yml: the file is empty — add a "services:" section'),
             ('convox.yml', '- a\n', 'convox.yml: must be a mapping with a "services:" section'),
             ('convox.yml', 'services:\n  Web:\n    image: x\n',
-             'convox.yml: services.Web is not a valid service name — use lowercase letters, '
+             'convox.yml:2: services.Web is not a valid service name — use lowercase letters, '
              'digits, "-", "_" and "."'),
             ('docker-compose.yml', 'services:\n  web/app:\n    image: x\n',
-             'docker-compose.yml: services.web/app is not a valid service name — use letters, '
+             'docker-compose.yml:2: services.web/app is not a valid service name — use letters, '
              'digits, "-", "_" and "."'),
             ('docker-compose.yml', 'services:\n  web:\n    ports: ["80"]\n',
-             'docker-compose.yml: services.web needs "image" or "build"'),
+             'docker-compose.yml:2: services.web needs "image" or "build"'),
             ('docker-compose.yml', 'web:\n  image: nginx\n',
              'docker-compose.yml: this looks like a version 1 compose file; put the services under '
              '"services:" (compose file format 2 or later)'),
             ('docker-compose.yml', 'services:\n  web:\n    image: x\n    ports: ["99999:80"]\n',
-             'docker-compose.yml: services.web.ports must be a port number between 1 and 65535'),
+             'docker-compose.yml:4: services.web.ports must be a port number between 1 and 65535'),
             ('docker-compose.yml', 'services:\n  web:\n    image: x\n    ports: "80"\n',
-             'docker-compose.yml: services.web.ports must be a list'),
+             'docker-compose.yml:4: services.web.ports must be a list'),
             ('docker-compose.yml', 'services:\n  web:\n    image: x\n    environment: 5\n',
-             'docker-compose.yml: services.web.environment must be a list of KEY=VALUE or a mapping'),
+             'docker-compose.yml:4: services.web.environment must be a list of KEY=VALUE or a mapping'),
             ('docker-compose.yml', 'services:\n  web:\n    image: x\n    volumes: ["data:relative"]\n',
-             'docker-compose.yml: services.web.volumes has a bad volume \'data:relative\' — the target '
+             'docker-compose.yml:4: services.web.volumes has a bad volume \'data:relative\' — the target '
              'must be an absolute path'),
             ('docker-compose.yml', 'services:\n  web:\n    image: x\n    volumes:\n      - type: bind\n'
                                    '        target: /app\n',
-             'docker-compose.yml: services.web.volumes.source is required for a bind mount'),
+             'docker-compose.yml:4: services.web.volumes.source is required for a bind mount'),
             ('docker-compose.yml', 'services:\n  web:\n    image: x\n    env_file: missing.env\n',
-             'docker-compose.yml: services.web.env_file file missing.env not found'),
+             'docker-compose.yml:4: services.web.env_file file missing.env not found'),
             ('docker-compose.yml', 'services:\n  web:\n    image: x\n    command: "echo \'oops"\n',
-             'docker-compose.yml: services.web.command cannot be split into arguments: '
+             'docker-compose.yml:4: services.web.command cannot be split into arguments: '
              'No closing quotation'),
             ('docker-compose.yml', 'services:\n  web:\n    image: x\n    mem_limit: huge\n',
-             'docker-compose.yml: services.web.mem_limit must be a size like 512m or 1g'),
+             'docker-compose.yml:4: services.web.mem_limit must be a size like 512m or 1g'),
             ('docker-compose.yml', 'services:\n  web:\n    build: https://github.com/a/b.git\n',
-             'docker-compose.yml: services.web.build.context is a remote URL; only local build '
+             'docker-compose.yml:3: services.web.build.context is a remote URL; only local build '
              'folders are supported'),
         ]
         for name, text, expected in cases:
@@ -2855,23 +2855,23 @@ class ComposeRuntimeKeysTest(unittest.TestCase):
     def test_errors(self):
         cases = [
             ('    depends_on:\n      db:\n        condition: service_ready\n',
-             'services.web.depends_on.db.condition must be one of service_started, '
+             '6: services.web.depends_on.db.condition must be one of service_started, '
              'service_healthy, service_completed_successfully'),
             ('    healthcheck:\n      test: [RUN, x]\n',
-             'services.web.healthcheck.test must start with CMD, CMD-SHELL or NONE'),
+             '5: services.web.healthcheck.test must start with CMD, CMD-SHELL or NONE'),
             ('    healthcheck:\n      interval: 10\n',
-             'services.web.healthcheck.interval must be a duration like 30s, 1m30s or 500ms'),
+             '5: services.web.healthcheck.interval must be a duration like 30s, 1m30s or 500ms'),
             ('    healthcheck:\n      interval: 5 s\n',
-             'services.web.healthcheck.interval must be a duration like 30s, 1m30s or 500ms'),
+             '5: services.web.healthcheck.interval must be a duration like 30s, 1m30s or 500ms'),
             ('    build:\n      target: [a]\n',
-             'services.web.build.target must be the name of a build stage'),
+             '5: services.web.build.target must be the name of a build stage'),
         ]
         for text, expected in cases:
             with self.subTest(text):
                 with self.assertRaises(convox.ManifestError) as caught:
                     self.load('services:\n  web:\n    image: x\n' + text +
                               '  db:\n    image: x\n')
-                self.assertTrue(str(caught.exception).endswith('/compose.yaml: ' + expected),
+                self.assertTrue(str(caught.exception).endswith('/compose.yaml:' + expected),
                                 str(caught.exception))
 
     def test_env_file_expansion(self):
