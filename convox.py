@@ -5282,6 +5282,31 @@ def _open_entry(dir_fd, name, listed, display):
     return fd, now
 
 
+def read_context_file(root, rel):
+    """The bytes of the regular file ``rel`` ('/'-separated) below the folder ``root``, or
+    None when it is not one now.  Each folder on the way and the file itself are opened
+    without following a link and without blocking, as the build context's walk does."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        parts = rel.split('/')
+        for depth, part in enumerate(parts, 1):
+            flags = _OPEN_ENTRY | (os.O_DIRECTORY if depth < len(parts) else 0)
+            child = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = list(iter(lambda: os.read(fd, CHUNK), b''))
+        return b''.join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _walk_context(dir_fd, rel_dir, excluded, display_root):
     """Yield (relpath, stat, fd or link target) for everything to send, in sorted depth-first
     order; an fd stays open until the next item is asked for.  Errors are local ones
@@ -5706,11 +5731,9 @@ class Syncer(object):
                 if copy.chmod is not None:
                     info.mode = copy.chmod
                 if info.isreg():
-                    try:
-                        with open(full, "rb") as handle:
-                            data = handle.read()
-                    except OSError:
-                        continue
+                    data = read_context_file(target.watch.root, rel)
+                    if data is None:
+                        continue  # no longer a file: the next look sees what it is
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
                 elif info.isdir() or info.issym():

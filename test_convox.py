@@ -39,6 +39,7 @@ import gc
 import glob
 import threading
 import time
+import types
 import unittest
 import http.server
 import socketserver
@@ -3287,9 +3288,9 @@ while True:
     os.rename(os.path.join(top, "real"), os.path.join(ctx, "d"))
 """
 
-    def test_swapped_files_never_leak(self):
-        """1,000 walks while files and a folder are swapped for links to a secret: the
-        secret is never in the tar, and a walk that meets a swap fails with a local error."""
+    def flipping_context(self):
+        """A context whose files f0..f19 and folder d (with d/f) FLIPPER swaps; -> (context,
+        the flipper process)."""
         top = tempfile.mkdtemp(prefix='context-race-')
         self.addCleanup(shutil.rmtree, top)
         context, outside = os.path.join(top, 'context'), os.path.join(top, 'outside')
@@ -3303,6 +3304,12 @@ while True:
         flipper = subprocess.Popen([sys.executable, '-c', self.FLIPPER, top])
         self.addCleanup(flipper.wait)
         self.addCleanup(flipper.kill)
+        return context, flipper
+
+    def test_swapped_files_never_leak(self):
+        """1,000 walks while files and a folder are swapped for links to a secret: the
+        secret is never in the tar, and a walk that meets a swap fails with a local error."""
+        context, flipper = self.flipping_context()
         leaks, failures, errors = 0, 0, set()
         for _ in range(1000):
             try:
@@ -3318,6 +3325,23 @@ while True:
                          % (leaks, failures))
         self.assertEqual((leaks, sorted(errors)), (0, []))
         self.assertLess(failures, 500)
+
+    def test_sync_never_uploads_what_is_outside(self):
+        """start's sync: 1,000 uploads of the swapped files and of d/f while they flip: the
+        secret never reaches the tar sent to the container."""
+        context, flipper = self.flipping_context()
+        sent = []
+        engine = types.SimpleNamespace(put_archive=lambda container, path, data: sent.append(
+            b'SECRET' in data))
+        target = convox.SyncTarget('web', 'c0ffee', types.SimpleNamespace(root=context), [])
+        copy = types.SimpleNamespace(chown=None, chmod=None)
+        uploads = [('/app/' + rel, rel, copy) for rel in ['d/f'] + ['f%d' % k for k in range(20)]]
+        syncer = convox.Syncer(engine, None, [target])
+        for _ in range(1000):
+            syncer.upload(target, uploads)
+        self.assertIsNone(flipper.poll(), 'the flipper stopped')
+        sys.stderr.write('test: 1000 uploads, %d with the secret\n' % sum(sent))
+        self.assertEqual((len(sent), sum(sent)), (1000, 0))
 
     def test_walk_errors_are_local(self):
         """A folder the user may list but not enter: the build fails naming it, as a local
