@@ -1040,7 +1040,7 @@ class Engine:
         try:
             sock.sendall(("GET %s HTTP/1.0\r\nHost: docker\r\n\r\n" %
                           self.url(path, query)).encode("ascii"))
-            head, rest = _read_head(sock)
+            head, rest = _read_head(sock, time.monotonic() + self.timeout)
             status, reason, headers = _parse_head(head)
         except socket.timeout:
             sock.close()
@@ -1501,19 +1501,20 @@ class SwarmRack(EngineRack):
         return self._nodes
 
     def processes(self, app, service=None, all=False):
-        """The tasks of the app's services (desired state running, unless ``all``)."""
+        """The tasks of the app's services: unless ``all``, those meant to run (a one-off
+        job's while it runs)."""
         services = {ident: s for ident, s in self.app_services(app).items()
                     if service is None or service_identity(s["Spec"])[1] == service}
         if not services:
             return []
         filters = {"service": sorted(services)}
         if not all:
-            filters["desired-state"] = ["running"]
+            filters["desired-state"] = LIVE_TASKS
         nodes = self.nodes()
         return [Task(task, services[task["ServiceID"]], nodes.get(task.get("NodeID")),
                      self.command(services[task["ServiceID"]]))
                 for task in self.engine.request("GET", "/tasks", {"filters": filters}) or []
-                if task.get("ServiceID") in services]
+                if task.get("ServiceID") in services and (all or live_task(task))]
 
     def command(self, service):
         """A service's command as its tasks run it: its Command (the image's ENTRYPOINT
@@ -1615,6 +1616,34 @@ class SwarmRack(EngineRack):
         for engine in self._node_engines.values():
             engine.close()
             engine.rack.close()
+
+    # -- logs ------------------------------------------------------------------------------
+
+    def log_stream(self, process, query):
+        """A task's log stream, through the manager (GET /tasks/ID/logs): no node needed."""
+        return self.engine.stream("/tasks/%s/logs" % process.task, query)
+
+    def task(self, ident, app=None):
+        """A task as it is now (of ``app``, when given); None when it is gone (or not)."""
+        try:
+            task = self.engine.request("GET", "/tasks/%s" % ident)
+            service = self.engine.request("GET", "/services/%s" % task["ServiceID"])
+        except NotFound:
+            return None
+        if app is not None and service_identity(service["Spec"])[0] != app:
+            return None
+        return Task(task, service, self.nodes().get(task.get("NodeID")),
+                    self.command(service))
+
+    def refresh(self, process):
+        return self.task(process.task)
+
+    def starts(self, since=None):
+        """Tasks as they start: Swarm has no events for tasks, so TaskStarts asks."""
+        return TaskStarts(self.engine)
+
+    def started(self, event, app):
+        return self.task(event["Actor"]["ID"], app)
 
     def stop(self, process):
         """Stop the task's container through its node: Swarm replaces a service's task; a
@@ -1737,6 +1766,57 @@ class SwarmRack(EngineRack):
                 raise ConvoxError("the one-off did not start within %g s — see docker "
                                   "service ps %s" % (patience, service_id))
             time.sleep(0.05)
+
+
+#: The desired states of the tasks that may be running: a job's task is meant to complete.
+LIVE_TASKS = ["running", "complete"]
+
+
+def live_task(task):
+    """Is the task meant to run, or (a job's) running?"""
+    return task.get("DesiredState") == "running" or task["Status"].get("State") == "running"
+
+
+class TaskStarts:
+    """The start events of a Swarm's tasks, which Swarm does not send: a thread asks the
+    manager for the running tasks twice a second and writes an event line, as the engine's
+    /events would, for each task it had not seen running.  Read like an event stream:
+    ``sock``, ``early``, ``close()``."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, engine):
+        import threading
+        self.engine = Engine(engine.rack, {"DOCKER_API_VERSION": engine.api_version()})
+        self.sock, self._out = socket.socketpair()
+        self.early = b""
+        self._stopped = threading.Event()
+        self._seen = {task["ID"] for task in self._running()}  # the follower lists these
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _running(self):
+        return self.engine.request("GET", "/tasks", {"filters": {
+            "desired-state": LIVE_TASKS}}) or []
+
+    def _watch(self):
+        try:
+            while not self._stopped.wait(self.INTERVAL):
+                for task in self._running():
+                    if task["ID"] not in self._seen and \
+                            task["Status"].get("State") == "running":
+                        self._seen.add(task["ID"])
+                        self._out.sendall(json.dumps({
+                            "Type": "task", "Action": "start", "Actor": {"ID": task["ID"]},
+                            "timeNano": int(time.time() * 1e9)}).encode("utf-8") + b"\n")
+        except (ConvoxError, OSError):
+            pass  # the manager went away: the follower sees the end of this stream
+        finally:
+            self._out.close()
+            self.engine.close()
+
+    def close(self):
+        self._stopped.set()  # the thread ends within INTERVAL, closing its end and engine
+        self.sock.close()
 
 
 #: Sends signal $1 to the command a Swarm one-off executes in its task: every process there
@@ -2598,6 +2678,7 @@ class Process:
             self.command = []
         self.image = config.get("Image") or info.get("Image") or ""
         self.created = info.get("Created") or ""
+        self.tty = bool(config.get("Tty"))
 
     def as_json(self):
         return {
@@ -2655,6 +2736,7 @@ class Task(Process):
         self.command = command
         self.image = (spec.get("ContainerSpec") or {}).get("Image") or ""
         self.created = task.get("CreatedAt") or ""
+        self.tty = bool((spec.get("ContainerSpec") or {}).get("TTY"))
 
     def matches(self, ident):
         return bool(ident) and (self.id.startswith(ident) or self.task.startswith(ident))
@@ -6400,7 +6482,7 @@ class LogSource:
     def __init__(self, process):
         self.process = process
         self.id, self.service = process.id, process.service
-        self.tty = bool((process.info.get("Config") or {}).get("Tty"))
+        self.tty = process.tty
         self.label = ("service/%s/%s " % (self.service, self.id[:12])).encode("utf-8")
         self.name = "%s-%s" % (self.service, self.id[:8])
         self.prefix = b""     # compose's, set by the follower (its width depends on all)
@@ -6469,8 +6551,15 @@ class LogFollower:
             data, self.pending = b"".join(self.pending), []
             _write_all(self.fd, data)
 
-    def add(self, process):
-        """Read this process's logs (again, after its last line, when it is known)."""
+    def add(self, *processes):
+        """Read these processes' logs (again, after the last line, when it is known).  All
+        join the merge before a line of any is read: the first cannot go ahead alone."""
+        opened = [source for source in map(self._open, processes) if source is not None]
+        for source in opened:
+            if source.stream.early:
+                self._read(source, source.stream.early)
+
+    def _open(self, process):
         source = self.sources.get(process.id)
         if source is None:
             source = self.sources[process.id] = LogSource(process)
@@ -6482,7 +6571,7 @@ class LogFollower:
                     text = "\x1b[%dm%s\x1b[0m" % (colour, text)
                 each.prefix = text.encode("utf-8")
         elif source.stream is not None:
-            return  # read already
+            return None  # read already
         query = dict(self.query, follow=self.follow)
         if source.last is not None:
             query.pop("tail", None)
@@ -6492,8 +6581,7 @@ class LogFollower:
         source.lines = LogLines(source.tty)
         self.by_sock[source.stream.sock] = source
         self.merge.join(source)
-        if source.stream.early:
-            self._read(source, source.stream.early)
+        return source
 
     def watch(self, app, accept):
         """Follow the rack's events: a process of ``app`` for which ``accept(process)``
@@ -6620,8 +6708,7 @@ def cmd_logs(ctx):
                 raise ConvoxError("no such service: %s (app %s); services: %s — see convox ps"
                                   % (", ".join(unknown), app, ", ".join(known)))
             processes = [p for p in rack.processes(app, all=True) if accept(p)]
-        for process in sorted(processes, key=lambda process: process.created):
-            follower.add(process)
+        follower.add(*sorted(processes, key=lambda process: process.created))
         follower.run()
     except KeyboardInterrupt as exc:
         if exc.args and exc.args[0] != signal.SIGINT:

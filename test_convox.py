@@ -6551,6 +6551,68 @@ class SwarmRunTest(SwarmAppTestCase):
         self.assertNoServiceLeft(self.app, within=0.5)
 
 
+class SwarmLogsTest(SwarmAppTestCase):
+    def test_merged_from_three_nodes(self):
+        app = app_name("sw-logs")
+        service = self.service(app, "web", command=(
+            "sh", "-c", 'for i in 1 2 3; do echo "$(hostname) line $i"; sleep 0.2; done; '
+            'sleep 3600'))
+        tasks = self.running_tasks(service, 3)
+        self.assertEqual(len({t["NodeID"] for t in tasks}), 3)
+        containers = {t["Status"]["ContainerStatus"]["ContainerID"] for t in tasks}
+        for _ in deadline_loop(20, 0.2):
+            result = self.convox("-a", app, "logs", "--no-follow", "--format", "json")
+            entries = [json.loads(line) for line in result.stdout.decode().splitlines()]
+            if len(entries) >= 9:
+                break
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(entries), 9, entries)
+        self.assertEqual({e["id"] for e in entries}, containers)
+        for entry in entries:
+            self.assertEqual(entry["line"].split()[0], entry["id"][:12])  # its own line
+        times = [e["time"] for e in entries]
+        self.assertEqual(times, sorted(times))  # merged by the engine's stamps
+        text = self.convox("-a", app, "logs", "--no-follow")
+        lines = text.stdout.decode().splitlines()
+        self.assertEqual(len(lines), 9, text.stderr)
+        for line, entry in zip(lines, entries):
+            self.assertEqual(line, "%sZ service/web/%s %s" % (
+                entry["time"][:19], entry["id"][:12], entry["line"]))
+
+    def test_a_detached_one_off_by_its_id(self):
+        result = self.convox("-a", self.app, "run", "--detach", "web", "sh", "-c",
+                             "echo detached-$((40+2)); echo to-stderr >&2")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        ident = result.stdout.split()[-1].decode()
+        for _ in deadline_loop(20, 0.2):
+            logs = self.convox("-a", self.app, "logs", ident, "--no-follow")
+            if logs.stdout.count(b"\n") >= 2:
+                break
+        self.assertEqual(logs.returncode, 0, logs.stderr)
+        lines = logs.stdout.decode().splitlines()
+        self.assertEqual([line.split(" ", 2)[1:] for line in lines],
+                         [["service/web/" + ident, "detached-42"],
+                          ["service/web/" + ident, "to-stderr"]])
+        self.convox("-a", self.app, "ps", "stop", ident)
+
+    def test_following_picks_up_a_new_one_off(self):
+        proc = subprocess.Popen(
+            [sys.executable, CONVOX, "-a", self.app, "logs", "--since", "1s"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=self.env())
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        time.sleep(1.5)  # following (its first look at the tasks is done by then)
+        result = self.convox("-a", self.app, "run", "--detach", "web", "sh", "-c",
+                             "sleep 1; echo picked-up")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        ident = result.stdout.split()[-1].decode()
+        read_until(proc, b"service/web/%s picked-up\n" % ident.encode(), timeout=20)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        self.assertEqual(proc.returncode, 0, err)
+        self.convox("-a", self.app, "ps", "stop", ident)
+
+
 # ==========================================================================================
 # Benchmarks: a smoke run of bench/bench.py --quick
 # ==========================================================================================
