@@ -7203,6 +7203,21 @@ class FakeEngine:
     def stream_faults(self, handler, tty):
         """The stream faults shared by exec and attach; True when one was played."""
         sock = handler.connection
+        if "trickle-upgrade" in self.faults or "huge-error" in self.faults:
+            handler.close_connection = True
+            with contextlib.suppress(OSError):
+                if "huge-error" in self.faults:
+                    sock.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/"
+                                 b"plain\r\nContent-Length: 10000000000\r\n\r\nit broke")
+                else:
+                    sock.sendall(b"HTTP/1.1 101 UPGRADED\r\nX-Slow: ")
+                while not self.stopping.is_set():
+                    if "huge-error" in self.faults:
+                        sock.sendall(b" " * (1 << 20))
+                    else:
+                        sock.sendall(b"x")
+                        self.stopping.wait(1)
+            return True
         if "cut-mid-frame" in self.faults:
             self.upgrade(handler, tty)
             sock.sendall(frame(1, b"complete\n") + struct.pack(">BxxxL", 1, 100) + b"0123456789")
@@ -7301,9 +7316,9 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
         return result.returncode, result.stdout, result.stderr, time.monotonic() - started
 
     def exec_fault(self, *faults, expect=125, tcp=False, args=("--no-tty", "web", "ls"),
-                   **env):
+                   timeout=30, **env):
         engine = self.fake(*faults, tcp=tcp)
-        status, out, err, seconds = self.client(engine, "exec", *args, **env)
+        status, out, err, seconds = self.client(engine, "exec", *args, timeout=timeout, **env)
         self.assertCleanFailure(status, err, expect)
         return engine, out, err, seconds
 
@@ -7417,6 +7432,20 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
                 self.assertRegex(text, message)
                 self.assertLess(seconds, budget)
                 self.assertLess(usage.ru_maxrss >> 10, 200)  # MiB
+
+    def test_hostile_stream_heads(self):
+        """The head of a stream request is read by CONVOX_TIMEOUT in all (one byte a second
+        held exec forever), and an error body is read up to 64 KiB (one announced as 10 GB
+        was read to the end, in quadratic time)."""
+        for fault, message in (("trickle-upgrade", b"did not answer the stream request"),
+                               ("huge-error", b"it broke")):
+            with self.subTest(fault):
+                try:
+                    _, _, err, seconds = self.exec_fault(fault, CONVOX_TIMEOUT="2", timeout=20)
+                except subprocess.TimeoutExpired:
+                    self.fail("%s: no end within 20 s" % fault)
+                self.assertIn(message, err)
+                self.assertLess(seconds, 5)
 
     def test_keepalive_on_tcp(self):
         """Streams and builds have no deadline, but on a tcp:// rack the socket has TCP
