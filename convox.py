@@ -5515,6 +5515,7 @@ def tar_context(context_dir, dockerfile='Dockerfile'):
 SYNC_INTERVAL = 1.5
 SYNC_SETTLE = 0.15
 SYNC_BURST_MAX = 1.0
+SYNC_CPU_SHARE = 0.02
 
 #: ADD sources that the builder unpacks or downloads instead of copying: not synced.
 _ADD_UNPACKED = re.compile(r"(\.tar|\.tar\.\w+|\.tgz|\.tbz2?|\.txz)\Z|^[a-z][a-z0-9+.-]*://|"
@@ -5740,10 +5741,10 @@ class Syncer(object):
         self.engine, self.printer, self.targets = engine, printer, targets
         self.due = time.monotonic() + SYNC_INTERVAL
         self.burst_began = None
-        self.pending = {}  # context root -> (changed set, removed set)
+        self.pending = {}  # context root -> ({changed path: is a folder}, {removed: was})
 
     def tick(self):
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.process_time()
         news = False
         for watch in {id(t.watch): t.watch for t in self.targets}.values():
             changed, removed = watch.changes()
@@ -5756,6 +5757,9 @@ class Syncer(object):
                     have[1].pop(rel, None)
                 have[0].update(changed)
                 have[1].update(removed)
+        # A tree so big that a look costs more than SYNC_CPU_SHARE of SYNC_INTERVAL is
+        # looked at less often: the CPU stays bounded, the 2 s do not.
+        interval = max(SYNC_INTERVAL, (time.process_time() - cpu) / SYNC_CPU_SHARE)
         if news and self.burst_began is None:
             self.burst_began = now
         if self.burst_began is not None and (news and now - self.burst_began < SYNC_BURST_MAX):
@@ -5766,7 +5770,7 @@ class Syncer(object):
             for target in self.targets:
                 if target.watch.root in pending:
                     self.send(target, *pending[target.watch.root])
-        self.due = time.monotonic() + SYNC_INTERVAL
+        self.due = time.monotonic() + interval
 
     def send(self, target, changed, removed):
         """Upload and remove what the Dockerfile of ``target`` copied; say how many."""
@@ -5777,12 +5781,12 @@ class Syncer(object):
         if not uploads and not removals:
             return
         try:
-            if removals:
-                self.remove(target.container, removals)
             if uploads:
                 self.upload(target, uploads)
+            if removals:
+                self.remove(target.container, removals)
         except ConvoxError as exc:
-            self.printer.say("sync %s failed: %s" % (target.service, exc))
+            self.printer.say("sync %s failed: %s" % (target.service, printable(str(exc))))
             return
         files = [rel for _, rel, _ in uploads if not changed[rel]]  # not new folders
         self.printer.say("sync %s: %d files" % (target.service, len(files) + len(removals)))

@@ -4269,9 +4269,13 @@ class StartLoopTest(EngineTestCase):
                                 cwd=folder, env=HARNESS.env(**(env or {})),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        proc.lines = []
-        reader = threading.Thread(target=lambda: proc.lines.extend(
-            iter(proc.stdout.readline, b"")), daemon=True)
+        proc.lines, proc.times = [], []  # each line, and when it came
+
+        def read():
+            for line in iter(proc.stdout.readline, b""):
+                proc.times.append(time.monotonic())
+                proc.lines.append(line)
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         proc.reader = reader
         for _ in deadline_loop(120, 0.1):
@@ -4335,9 +4339,11 @@ class StartLoopTest(EngineTestCase):
 
     SYNC_DOCKERFILE = """\
 FROM {image}
+RUN mkdir -p /etc && echo app:x:1234:1234::/:/bin/sh > /etc/passwd && \\
+    echo app:x:1234: > /etc/group
 WORKDIR /app
 COPY src/ ./code/
-COPY --chown=1000:1000 conf.txt settings/
+COPY --chown=app:app conf.txt settings/
 """
 
     def sync_app(self, suffix, *words):
@@ -4378,17 +4384,20 @@ COPY --chown=1000:1000 conf.txt settings/
         self.write(folder, "src/new/b.txt", "bee\n")
         os.remove(os.path.join(folder, "src/c.txt"))
         self.write(folder, "conf.txt", "conf-2\n")
-        for _ in deadline_loop(3, 0.05):
-            if (self.sync_lines(proc) and
-                    self.inside(container, "cat", "/app/code/a.txt")[1] == "two\n"):
+        for _ in deadline_loop(3, 0.02):
+            if self.sync_lines(proc):
                 break
-        self.assertLess(time.monotonic() - began, 3.0)
         self.assertEqual(self.sync_lines(proc), ["convox | sync web: 4 files\n"])
+        # The line is printed once the engine has unpacked the files.
+        came = proc.times[[line.decode() for line in proc.lines].index(
+            "convox | sync web: 4 files\n")]
+        self.assertLess(came - began, 3.0)
+        self.assertEqual(self.inside(container, "cat", "/app/code/a.txt"), (0, "two\n"))
         self.assertEqual(self.inside(container, "cat", "/app/code/new/b.txt"), (0, "bee\n"))
         self.assertEqual(self.inside(container, "ls", "/app/code"), (0, "a.txt\nnew\n"))
         self.assertEqual(self.inside(container, "stat", "-c", "%u:%g %n",
                                      "/app/settings/conf.txt"),
-                         (0, "1000:1000 /app/settings/conf.txt\n"))
+                         (0, "1234:1234 /app/settings/conf.txt\n"))
         self.assertEqual(self.inside(container, "cat", "/app/settings/conf.txt"),
                          (0, "conf-2\n"))
         self.stop(proc)
