@@ -64,7 +64,8 @@ Without a TTY the stream carries 8-byte frame headers ([stream, 0, 0, 0, size32]
 
 Sections, in the order of the data: Constants, Errors, Transport (where the engine is, its
 socket), Engine API (thin methods returning dicts), Racks (what the verbs ask of a rack:
-processes, the engine that runs one, one-offs, log streams), Streams (demux, pump, the logs
+processes, the engine that runs one, one-offs, log streams; one engine, or a Swarm through
+its manager and its nodes' engines), Streams (demux, pump, the logs
 merge), Terminal (raw mode, size, signals), Apps and processes (labels, the one-off
 template), Manifest, Sync (start's Dockerfile copies, context snapshots, uploads), Commands
 (one function per verb), CLI.
@@ -1250,8 +1251,10 @@ def _dechunk(data):
 # What the verbs ask of a rack -- the app's processes, the one exec enters, the engine that
 # runs a process, a new one-off, a process's logs and the processes that start -- so that
 # no verb asks what kind of rack it runs on.
-# EngineRack is the rack of a single engine (Docker or Podman); a Swarm rack gives the same
-# methods.  (``Rack``, under Transport, is only where the engine is.)
+# EngineRack is the rack of a single engine (Docker or Podman); SwarmRack gives the same
+# methods for a Swarm, read through a manager (SPEC §10): processes are tasks, each reached
+# through its node's engine; a one-off is a Swarm service of its own.  (``Rack``, under
+# Transport, is only where the engine is.)
 
 class EngineRack:
     """The apps on one engine.  Each app's containers are listed once, through label
@@ -3378,7 +3381,7 @@ class _YamlParser(object):
             self.no_continuation(parent_indent)
             return self.alias(lineno, m.group(1))
         if c == '!':
-            m = re.match('!!(%s)(?=[ \t]|\Z)' % '|'.join(_CORE_TAGS), text)
+            m = re.match('!!(%s)(?=[ \t]|\\Z)' % '|'.join(_CORE_TAGS), text)
             if not m:
                 raise self.error(lineno, _props_error(text))
             rest = text[m.end():]
@@ -3692,7 +3695,7 @@ class _FlowParser(object):
             empty = self.s[self.p:self.p + 1] in (',', ']', '}', '')
             return self.owner.define(m.group(1), None if empty else self.node())
         if ch == '!':
-            m = re.compile('!!(%s)(?=[ \t\n,\]}]|\Z)' % '|'.join(_CORE_TAGS)).match(self.s, self.p)
+            m = re.compile('!!(%s)(?=[ \t\n,\\]}]|\\Z)' % '|'.join(_CORE_TAGS)).match(self.s, self.p)
             if not m:
                 raise self.error(_props_error(self.s[self.p:]))
             at = self.p = m.end()
