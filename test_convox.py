@@ -3741,6 +3741,20 @@ class PsTest(EngineTestCase):
                 self.assertEqual(line[start - 2:start], "  ", line)
                 self.assertNotEqual(line[start], " ", line)
 
+    def test_inspects_are_pipelined_on_one_connection(self):
+        app, ids = self.fixtures()
+        engine = convox.Engine(convox.parse_rack(HARNESS.rack_url, {}), {})
+        self.addCleanup(engine.close)
+        idents = [ids["web"], "0" * 64, ids["worker"], ids["stopped"], "no such name"]
+        found = engine.inspect_many(idents)
+        self.assertEqual(list(found), idents)
+        self.assertEqual([info and info["Id"] for info in found.values()],
+                         [ids["web"], None, ids["worker"], ids["stopped"], None])
+        self.assertEqual(found[ids["worker"]]["Args"], ["3601"])
+        # The connection is left ready: the next request on it is answered.
+        self.assertEqual(engine.inspect(ids["job"])["Id"], ids["job"])
+        self.assertEqual(engine.connections, 1)
+
     def test_all_service_release_json(self):
         app, ids = self.fixtures()
         result = self.convox("-a", app, "ps", "--all")
