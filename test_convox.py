@@ -6195,7 +6195,7 @@ class SwarmTestCase(unittest.TestCase):
 
     @classmethod
     def create_service(cls, app, name, replicas=3, command=("sleep", "3600"), memory=None,
-                       stack=False, constraints=None, env=None):
+                       stack=False, constraints=None, env=None, release=None):
         """A labelled Swarm service of the app (``stack``: as `docker stack deploy`
         labels it); -> its ID once ``replicas`` tasks run.  The caller removes it."""
         labels = {TEST_LABEL: RUN_ID}
@@ -6204,6 +6204,8 @@ class SwarmTestCase(unittest.TestCase):
             full_name = "%s_%s" % (app, name)
         else:
             labels.update({convox.LABEL_APP: app, convox.LABEL_SERVICE: name})
+            if release:
+                labels[convox.LABEL_RELEASE] = release
             full_name = "%s-%s" % (app, name)
         spec = {
             "Name": full_name, "Labels": labels,
@@ -6259,6 +6261,8 @@ class SwarmTestCase(unittest.TestCase):
             if not left:
                 return
         self.fail("one-off services of %s remain: %r" % (app, [s["Spec"]["Name"] for s in left]))
+
+    assertOneErrorLine = EngineTestCase.assertOneErrorLine
 
     def node_of(self, task):
         """The index (0 = manager) of the node a task runs on."""
@@ -6455,8 +6459,6 @@ class SwarmExecTest(SwarmAppTestCase):
         self.assertEqual(session.wait(), 5)
         self.assertEqual(session.attrs(), session.initial_attrs)
 
-    assertOneErrorLine = EngineTestCase.assertOneErrorLine
-
 
 class SwarmRunTest(SwarmAppTestCase):
     def test_attached_status_and_stdin_end(self):
@@ -6465,6 +6467,18 @@ class SwarmRunTest(SwarmAppTestCase):
         self.assertEqual(result.returncode, 3, result.stderr)
         self.assertEqual((result.stdout, result.stderr), (b"from stdin\n", b"err\n"))
         self.assertNoServiceLeft(self.app, within=0.5)
+
+    def test_release(self):
+        app = app_name("sw-release")
+        self.service(app, "web", replicas=1, release="RONE")
+        result = self.convox("-a", app, "run", "--release", "RONE", "web", "echo", "ok")
+        self.assertEqual((result.returncode, result.stdout), (0, b"ok\n"), result.stderr)
+        result = self.convox("-a", app, "run", "--release", "RTWO", "web", "true")
+        self.assertEqual(result.returncode, 125, result.stderr)
+        self.assertOneErrorLine(result)
+        self.assertIn(b"no such release: RTWO (app %s, service web); releases: RONE"
+                      % app.encode(), result.stderr)
+        self.assertNoServiceLeft(app, within=0.5)
 
     def test_command_not_found(self):
         result = self.convox("-a", self.app, "run", "web", "no-such-command")
