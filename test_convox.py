@@ -245,9 +245,10 @@ class SwarmCluster:
     path.  Node 1 is the manager, the others are workers.
     """
 
-    def __init__(self, nodes=3):
-        self.token = "%04x%s" % (os.getpid() & 0xffff, os.urandom(1).hex())  # 6 hex digits
-        self.folder = tempfile.mkdtemp(prefix="convox-test-swarm-")
+    def __init__(self, nodes=3, token=None, folder=None):
+        # 6 hex digits: every name of ours carries them (link names have 15 bytes at most).
+        self.token = token or "%04x%s" % (os.getpid() & 0xffff, os.urandom(1).hex())
+        self.folder = folder or tempfile.mkdtemp(prefix="convox-test-swarm-")
         self.hub = "cvx%s-hub" % self.token
         self.names = ["cvx%s-n%d" % (self.token, i) for i in range(1, nodes + 1)]
         self.link = "cvx%sr" % self.token  # our end of the veth into the hub (<= 15 bytes)
@@ -262,6 +263,9 @@ class SwarmCluster:
 
     def start(self, image_tag, dockerfile=TEST_DOCKERFILE, files=None):
         started = time.monotonic()
+        with open(os.path.join(self.folder, "state.json"), "w") as handle:
+            json.dump({"pid": os.getpid(), "token": self.token, "nodes": len(self.names)},
+                      handle)
         try:
             self._network()
             for index in range(len(self.names)):
@@ -410,6 +414,22 @@ class SwarmCluster:
 
     # -- tear-down -------------------------------------------------------------------------
 
+    @classmethod
+    def left_by_killed_runs(cls):
+        """The Swarms of runs that were killed (SIGKILL, a lost machine) before they could
+        remove them: their folder's state names a process that is gone."""
+        pattern = os.path.join(tempfile.gettempdir(), "convox-test-swarm-*", "state.json")
+        for path in glob.glob(pattern):
+            try:
+                with open(path) as handle:
+                    state = json.load(handle)
+                os.kill(state["pid"], 0)
+                continue  # its run is alive (another run of the suite, perhaps)
+            except ProcessLookupError:
+                yield cls(state["nodes"], state["token"], os.path.dirname(path))
+            except (OSError, ValueError, KeyError):
+                continue
+
     def close(self):
         """Stop everything and remove every trace; -> a list of what could not be removed."""
         for engine in self.engines:
@@ -498,6 +518,10 @@ class SwarmHarness:
             self.problem = "a test Swarm needs root and %s%s" % (
                 ", ".join(self.TOOLS), " (missing: %s)" % ", ".join(missing) if missing else "")
             return
+        for stale in SwarmCluster.left_by_killed_runs():
+            left = stale.close()
+            sys.stderr.write("test: removed the Swarm a killed run left in %s%s\n" % (
+                stale.folder, " (still there: %s)" % ", ".join(left) if left else ""))
         busybox = shutil.which("busybox") or "/bin/busybox"
         cluster = SwarmCluster()
         try:
@@ -6295,6 +6319,22 @@ class SwarmHarnessTest(SwarmTestCase):
             self.skipTest("no host engine answers at %s" % rack.url)
         ours = {node["ID"] for node in self.manager.request("GET", "/nodes")}
         self.assertNotIn((info.get("Swarm") or {}).get("NodeID"), ours)
+
+    def test_what_a_killed_run_left_is_removed_by_the_next(self):
+        script = ("import sys, time; sys.path.insert(0, %r); import test_convox as t; "
+                  "c = t.SwarmCluster(nodes=1); c.start('convox-test:%s-killed', "
+                  "files={'busybox': %r}); print(c.folder, flush=True); time.sleep(600)"
+                  % (HERE, RUN_ID, shutil.which("busybox") or "/bin/busybox"))
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        folder = read_until(proc, b"\n", timeout=60).decode().strip()
+        proc.kill()
+        proc.communicate(timeout=10)
+        stale = [c for c in SwarmCluster.left_by_killed_runs() if c.folder == folder]
+        self.assertEqual(len(stale), 1)
+        self.assertTrue(stale[0].processes())  # its dockerd outlived the run
+        self.assertEqual(stale[0].close(), [])
 
     def test_tear_down_leaves_nothing(self):
         cluster = SwarmCluster(nodes=1)
