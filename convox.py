@@ -1674,9 +1674,10 @@ class SwarmRack(EngineRack):
             engine = Engine(parse_rack(url, self.environ), self.environ)
             engine.request("GET", "/_ping")  # reachable, and the API version settled
         except ConvoxError as exc:
+            what, _, todo = str(exc).partition(" — ")
             raise EngineUnavailable(
-                "cannot reach node %s at %s: %s — set CONVOX_NODE_RACK to a rack URL that "
-                "reaches every node, e.g. ssh://USER@{addr}" % (hostname, url, exc))
+                "node %s: %s — %s%sset CONVOX_NODE_RACK to a rack URL that reaches every node "
+                "(e.g. ssh://USER@{addr})" % (hostname, what, todo, "; or " if todo else ""))
         return engine
 
     def close(self):

@@ -6490,6 +6490,18 @@ class SwarmExecTest(SwarmAppTestCase):
         self.assertIn("node %s" % hostname, error)
         self.assertIn("tcp://%s:1" % self.cluster.addrs[self.node_of(task)], error)
 
+    def test_a_socket_rack_reaches_nodes_over_ssh(self):
+        task = self.worker_task()
+        result = self.convox("-a", self.app, "exec", task["ID"][:8], "true",
+                             env={"CONVOX_RACK": self.cluster.socket_url(0),
+                                  "DOCKER_HOST": self.cluster.socket_url(0)})
+        self.assertEqual(result.returncode, 125, result.stderr)  # no sshd on the nodes
+        self.assertOneErrorLine(result)
+        self.assertIn("node %s: " % self.cluster.hostnames[self.node_of(task)],
+                      result.stderr.decode())
+        self.assertIn("ssh://%s " % self.cluster.addrs[self.node_of(task)],
+                      result.stderr.decode())
+
     def test_tty_under_a_pty(self):
         task = self.worker_task()
         session = self.pty("-a", self.app, "exec", task["ID"][:8], "sh", rows=33, cols=77)
