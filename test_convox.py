@@ -6902,6 +6902,34 @@ class LogsTest(RunTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertOneErrorLine(result)
 
+
+class LogsTerminalTest(TerminalTestCase):
+    """convox logs at a terminal: compose's colours per process, Ctrl-C ends it with 0."""
+
+    def test_colours_and_ctrl_c(self):
+        app = app_name("logstty")
+        web = self.container(app, "web", ("sh", "-c", "echo hello from web; sleep 3600"))
+        job = self.container(app, "job", ("sh", "-c", "echo hello from job; sleep 3600"))
+        term = self.pty("-a", app, "logs", "--format", "compose")
+        term.expect(rb"hello from \w+\r\n[\s\S]*hello from \w+\r\n")
+        colours = {name: colour for colour, name in re.findall(
+            rb"\x1b\[(\d+)m((?:web|job)-[0-9a-f]{8}) \| \x1b\[0mhello from \w+\r\n",
+            term.output)}
+        self.assertEqual(sorted(colours), sorted([b"web-" + web[:8].encode(),
+                                                  b"job-" + job[:8].encode()]), term.output)
+        self.assertEqual(len(set(colours.values())), 2, term.output)  # one each
+        term.send(b"\x03")
+        self.assertEqual(term.wait(10), 0, term.output)
+        self.assertNotIn(b"ERROR", term.output)
+        self.assertEqual(term.attrs(), term.initial_attrs)
+        for option, env in ((("--no-color",), None), ((), {"NO_COLOR": "1"})):
+            term = self.pty("-a", app, "logs", "--no-follow", "--format", "compose", *option,
+                            env=env)
+            self.assertEqual(term.wait(20), 0, term.output)
+            self.assertNotIn(b"\x1b[", term.output)
+            self.assertIn(b"%s | hello from web\r\n" % ("web-" + web[:8]).encode(),
+                          term.output)
+
 class BenchSmokeTest(EngineTestCase):
     """bench/bench.py --quick runs against the real engine, prints every workload, exits 0
     and leaves nothing behind.  No timing assertions: figures go to the README."""
