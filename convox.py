@@ -931,7 +931,7 @@ class Engine:
                 _time_left(conn.sock, deadline)
                 conn.request(method, url, body=body, headers=headers)
                 response = conn.getresponse()
-                data = self._read_control_body(response, method, url)
+                data = self.read_body(response, method, url)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 # An idle keep-alive connection the engine closed: the request never reached
                 # it, so one retry on a new connection is safe.
@@ -981,7 +981,7 @@ class Engine:
             for ident, url in zip(idents, urls):
                 response = http.client.HTTPResponse(reader, method="GET")
                 response.begin()
-                data = self._read_control_body(response, "GET", url)
+                data = self.read_body(response, "GET", url)
                 if response.status == 404:
                     found[ident] = None
                 elif response.status >= 300:
@@ -1003,8 +1003,8 @@ class Engine:
         except NotFound:
             return None
 
-    def _read_control_body(self, response, method, url):
-        """The body of a control response; EngineError beyond CONTROL_BODY_MAX (an engine
+    def read_body(self, response, method, url):
+        """The body of a response read whole; EngineError beyond CONTROL_BODY_MAX (an engine
         that announces 10 GB, or never ends, is not one to read into memory)."""
         chunks, size = [], 0
         while size <= CONTROL_BODY_MAX and (response.length or 0) <= CONTROL_BODY_MAX:
@@ -1215,24 +1215,13 @@ class Engine:
                          headers={"Content-Type": "application/x-tar"}, encode_chunked=True)
             response = conn.getresponse()
             if response.status >= 400:
-                raise EngineError(_error_message(response.read(), response.status,
-                                                 response.reason), response.status)
-            decoder = json.JSONDecoder()
-            buffered = ""
-            for line in response:
-                buffered += line.decode("utf-8", "replace")
-                while buffered.strip():
-                    try:
-                        message, end = decoder.raw_decode(buffered.lstrip())
-                    except ValueError:
-                        break  # a message split across lines: read on
-                    except RecursionError:
-                        raise StreamError("the engine sent a build message nested too "
-                                          "deeply")
-                    buffered = buffered.lstrip()[end:]
-                    if message.get("error"):
-                        raise EngineError(message.get("error").strip())
-                    yield message
+                raise EngineError(_error_message(response.read(ERROR_BODY_MAX),
+                                                 response.status, response.reason),
+                                  response.status)
+            for message in _json_messages(response):
+                if message.get("error"):
+                    raise EngineError(str(message.get("error")).strip())
+                yield message
         except (OSError, http.client.HTTPException) as exc:
             raise StreamError("the build stream from the engine broke (%s)" % exc)
         finally:
@@ -1245,6 +1234,32 @@ class Engine:
 
     def exec_inspect(self, exec_id):
         return self.request("GET", "/exec/%s/json" % exec_id)
+
+
+def _json_messages(response):
+    """The JSON objects of a stream of them: one a line from Docker; one over several lines
+    is read on until it parses, tried again each time the text doubled (so that hostile
+    input costs linear time), and none may be longer than CONTROL_BODY_MAX."""
+    decoder, buffered, retry_at = json.JSONDecoder(), "", 0
+    while True:
+        line = response.readline(CONTROL_BODY_MAX)
+        buffered += line.decode("utf-8", "replace")
+        if len(buffered) > CONTROL_BODY_MAX:
+            raise EngineError("the engine sent a message of more than %d MiB — check that "
+                              "the rack is a Docker Engine API" % (CONTROL_BODY_MAX >> 20))
+        while buffered and not buffered.isspace() and (len(buffered) >= retry_at or not line):
+            try:
+                message, end = decoder.raw_decode(buffered.lstrip())
+            except ValueError:
+                retry_at = 2 * len(buffered)
+                break
+            except RecursionError:
+                raise StreamError("the engine sent a message nested too deeply")
+            buffered, retry_at = buffered.lstrip()[end:], 0
+            if isinstance(message, dict):
+                yield message
+        if not line:
+            return
 
 
 def _read_head(sock, deadline):
@@ -7003,7 +7018,8 @@ class LocalApp:
         try:
             conn.request("POST", self.engine.url("/images/create", query), body=b"")
             response = conn.getresponse()
-            body = response.read().decode("utf-8", "replace")
+            body = self.engine.read_body(response, "POST", "/images/create")
+            body = body.decode("utf-8", "replace")
         except (OSError, http.client.HTTPException) as exc:
             raise unreachable(self.engine.rack, exc)
         finally:

@@ -1328,6 +1328,30 @@ class DetachKeysTest(unittest.TestCase):
             self.assertEqual(self.feed_all(three, [data[:cut], data[cut:]]), (b"xxaby", True))
 
 
+class JsonMessagesTest(unittest.TestCase):
+    """The engine's streams of JSON messages (build): one a line, or one over several."""
+
+    def messages(self, data):
+        return list(convox._json_messages(io.BytesIO(data)))
+
+    def test_messages(self):
+        self.assertEqual(self.messages(b'{"stream": "a"}\n{"stream": "b"}{"c": 1}\n\n  \n'),
+                         [{"stream": "a"}, {"stream": "b"}, {"c": 1}])
+        self.assertEqual(self.messages(b'{"stream":\n "split"\n}\n{"d": 2}\n[3]\n7\n'),
+                         [{"stream": "split"}, {"d": 2}])
+        self.assertEqual(self.messages(b'{"last": "with no newline"}'),
+                         [{"last": "with no newline"}])
+
+    def test_hostile_messages(self):
+        """A message over 200,000 lines that never ends parses in linear time; one over
+        64 MiB is an error, not all of memory."""
+        started = time.monotonic()
+        self.assertEqual(self.messages(b"[" + b"1,\n" * 200000), [])
+        self.assertLess(time.monotonic() - started, 5)
+        with self.assertRaisesRegex(convox.EngineError, "more than 64 MiB"):
+            self.messages(b"[" + b"1," * (33 << 20))
+
+
 class LogPrinterTest(unittest.TestCase):
     """start's SERVICE | line printer: whole lines, and a line with no end in sight is
     printed in LINE_MAX pieces instead of held (in time and memory linear in its size)."""
@@ -7549,6 +7573,31 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
                 self.assertRegex(text, message)
                 self.assertLess(seconds, budget)
                 self.assertLess(usage.ru_maxrss >> 10, 200)  # MiB
+
+    def test_endless_build_output(self):
+        """A build answered by output with no newline and no end: an error once a message
+        passes 64 MiB (under a 1 GiB address-space limit, which reading on would hit)."""
+        engine = self.fake("endless-body")
+        context = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, context)
+        with open(os.path.join(context, "Dockerfile"), "w") as handle:
+            handle.write("FROM scratch\n")
+        script = ("import resource, sys; sys.path.insert(0, %r); import convox\n"
+                  "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+                  "engine = convox.Engine(convox.parse_rack(%r), {})\n"
+                  "try:\n"
+                  "    list(engine.build(convox.tar_context(%r), {}))\n"
+                  "except convox.ConvoxError as exc:\n"
+                  "    print(type(exc).__name__, exc)\n" % (HERE, engine.url, context))
+        started = time.monotonic()
+        try:
+            result = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, timeout=30)
+        except subprocess.TimeoutExpired:
+            self.fail("no end within 30 s")
+        self.assertRegex(result.stdout.decode(), r"^EngineError the engine sent a message of "
+                                                 r"more than 64 MiB", result.stderr[-500:])
+        self.assertLess(time.monotonic() - started, 10)
 
     def test_hostile_stream_heads(self):
         """The head of a stream request is read by CONVOX_TIMEOUT in all (one byte a second
