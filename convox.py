@@ -931,7 +931,7 @@ class Engine:
                 _time_left(conn.sock, deadline)
                 conn.request(method, url, body=body, headers=headers)
                 response = conn.getresponse()
-                data = self.read_body(response, method, url)
+                data = self._read_control_body(response, method, url)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 # An idle keep-alive connection the engine closed: the request never reached
                 # it, so one retry on a new connection is safe.
@@ -981,7 +981,7 @@ class Engine:
             for ident, url in zip(idents, urls):
                 response = http.client.HTTPResponse(reader, method="GET")
                 response.begin()
-                data = self.read_body(response, "GET", url)
+                data = self._read_control_body(response, "GET", url)
                 if response.status == 404:
                     found[ident] = None
                 elif response.status >= 300:
@@ -1003,7 +1003,7 @@ class Engine:
         except NotFound:
             return None
 
-    def read_body(self, response, method, url):
+    def _read_control_body(self, response, method, url):
         """The body of a response read whole; EngineError beyond CONTROL_BODY_MAX (an engine
         that announces 10 GB, or never ends, is not one to read into memory)."""
         chunks, size = [], 0
@@ -7018,7 +7018,7 @@ class LocalApp:
         try:
             conn.request("POST", self.engine.url("/images/create", query), body=b"")
             response = conn.getresponse()
-            body = self.engine.read_body(response, "POST", "/images/create")
+            body = self.engine._read_control_body(response, "POST", "/images/create")
             body = body.decode("utf-8", "replace")
         except (OSError, http.client.HTTPException) as exc:
             raise unreachable(self.engine.rack, exc)
