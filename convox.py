@@ -1534,8 +1534,7 @@ def open_rack(engine, environ):
     """The rack of an engine: a Swarm rack when it manages a Swarm, else the single
     engine's own."""
     if engine.manages_swarm():
-        info = engine.request("GET", "/info") or {}
-        return SwarmRack(engine, (info.get("Swarm") or {}).get("NodeID") or "", environ)
+        return SwarmRack(engine, environ)
     return EngineRack(engine)
 
 
@@ -1554,16 +1553,24 @@ class SwarmRack(EngineRack):
     COLUMNS = ("node",)
     DETAILS = ("node", "task")
 
-    def __init__(self, engine, node_id, environ):
+    def __init__(self, engine, environ):
         super().__init__(engine)
-        self.node_id = node_id  # the manager's own node: its tasks need no other engine
         self.environ = environ
+        self._node_id = None
         self._services = {}
         self._nodes = None
         self._node_engines = {}
         self._commands = {}
 
     # -- listing ---------------------------------------------------------------------------
+
+    @property
+    def node_id(self):
+        """The manager's own node (GET /info): its tasks need no other engine."""
+        if self._node_id is None:
+            info = self.engine.request("GET", "/info") or {}
+            self._node_id = (info.get("Swarm") or {}).get("NodeID") or ""
+        return self._node_id
 
     def app_services(self, app):
         """{ID: service} of an app: labelled by Convox, or deployed as a stack named APP."""

@@ -6703,7 +6703,8 @@ class SwarmLogsTest(SwarmAppTestCase):
                 break
         self.assertEqual(logs.returncode, 0, logs.stderr)
         lines = logs.stdout.decode().splitlines()
-        self.assertEqual([line.split(" ", 2)[1:] for line in lines],
+        # (Its stdout and stderr are stamped apart: either may come first.)
+        self.assertEqual(sorted(line.split(" ", 2)[1:] for line in lines),
                          [["service/web/" + ident, "detached-42"],
                           ["service/web/" + ident, "to-stderr"]])
         self.convox("-a", self.app, "ps", "stop", ident)
