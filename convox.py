@@ -6814,7 +6814,13 @@ def cmd_logs(ctx):
         return not services or process.service in services
     try:
         if args.pid:
-            processes = [rack.find(app, args.pid)]
+            try:
+                processes = [rack.find(app, args.pid)]
+            except ConvoxError:
+                if args.pid not in rack.services(app):
+                    raise
+                raise ConvoxError("no such process: %s (app %s); %s is a service — use "
+                                  "convox logs -s %s" % (args.pid, app, args.pid, args.pid))
         else:
             if args.follow and not args.until:
                 # Before the list: a process that starts meanwhile is not missed.

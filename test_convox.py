@@ -6926,6 +6926,9 @@ class LogsTest(RunTestCase):
         result = self.convox("-a", app_name("logsnone"), "logs")
         self.assertEqual(result.returncode, 1)
         self.assertOneErrorLine(result)
+        result = self.convox("-a", app, "logs", "web")  # a service, not a process
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"web is a service \xe2\x80\x94 use convox logs -s web", result.stderr)
 
 
 class LogsTerminalTest(TerminalTestCase):
