@@ -6755,8 +6755,9 @@ class LogsTest(RunTestCase):
             self.skipTest("the Docker CLI is not installed (used only as an oracle)")
         result = subprocess.run([docker, "logs", "-t", ident], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=HARNESS.env(), timeout=60)
+        output = result.stdout[:-1] if result.stdout.endswith(b"\n") else result.stdout
         lines = []
-        for line in result.stdout.split(b"\n")[:-1]:
+        for line in output.split(b"\n") if output else []:  # the last may have no newline
             stamp, _, text = line.partition(b" ")
             lines.append((stamp, b"%sZ service/%s/%s %s" % (
                 stamp[:19], service.encode(), ident[:12].encode(), text.rstrip(b"\r"))))
@@ -6804,24 +6805,29 @@ class LogsTest(RunTestCase):
         app = app_name("logsformat")
         # json-file, Docker's default, stores U+FFFD for bytes that are not UTF-8; "local"
         # keeps them, and convox passes them through.
-        web = self.logged(app, "web", "echo out; echo err >&2; printf '\\377\\376 bytes\\n'",
-                          driver="local")
+        web = self.logged(app, "web", "echo out; echo err >&2; printf '\\377\\376 bytes\\n'; "
+                          "printf 'the end'", driver="local")
         self.wait_exited(web)
         stamps = {line.split(b" ", 2)[2]: stamp for stamp, line in self.engine_lines(web, "web")}
         records = [json.loads(line.decode()) for line in
                    self.logs("-a", app, "--no-follow", "--format", "json", "--filter", "e")]
         self.assertEqual(sorted((r["line"], r["stream"]) for r in records),
-                         sorted([("\ufffd\ufffd bytes", "stdout"), ("err", "stderr")]))
+                         sorted([("\ufffd\ufffd bytes", "stdout"), ("err", "stderr"),
+                                 ("the end", "stdout")]))
         for record in records:
             self.assertEqual(set(record), {"time", "service", "id", "stream", "line"})
             self.assertEqual((record["service"], record["id"]), ("web", web))
-            text = b"err" if record["stream"] == "stderr" else b"\xff\xfe bytes"
+            text = record["line"].encode().replace(b"\xef\xbf\xbd", b"\xff", 1).replace(
+                b"\xef\xbf\xbd", b"\xfe", 1)
             self.assertEqual(record["time"].encode(), stamps[text])
-        # compose's prefix, no colour off a terminal; bytes that are not UTF-8 unchanged
-        self.assertEqual(sorted(self.logs("-a", app, "--no-follow", "--format", "compose")),
-                         sorted([b"web-%s | out" % web[:8].encode(),
-                                 b"web-%s | err" % web[:8].encode(),
-                                 b"web-%s | \xff\xfe bytes" % web[:8].encode()]))
+        # compose's prefix, no colour off a terminal; bytes that are not UTF-8 unchanged; a
+        # last line without a newline printed whole at the end
+        output = self.logs("-a", app, "--no-follow", "--format", "compose")
+        self.assertEqual(sorted(output[:3]), sorted([b"web-%s | out" % web[:8].encode(),
+                                                     b"web-%s | err" % web[:8].encode(),
+                                                     b"web-%s | \xff\xfe bytes" %
+                                                     web[:8].encode()]))
+        self.assertEqual(output[3:], [b"web-%s | the end" % web[:8].encode()])
 
     def test_since_and_until_forms(self):
         app = app_name("logssince")
