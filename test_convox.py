@@ -4093,6 +4093,33 @@ services:
         self.assertIn("convox | ok exited with code 0\n", out)
         self.assertEqual(self.processes_of(app), [])
 
+    def test_line_with_no_end(self):
+        """64 MiB with no newline from a service: printed in 64 KiB pieces, each a line,
+        within 30 s (a quadratic buffer took 13.6 s for 40 MB and never ended 100 MB)."""
+        app = app_name("longline")
+        folder = self.app_dir("convox.yml", """\
+services:
+  long:
+    image: {image}
+    command: sh -c 'head -c 67108864 /dev/zero | tr "\\\\0" x; echo; echo end'
+""".format(image=self.image))
+        started = time.monotonic()
+        try:
+            result = self.convox("-a", app, "start", cwd=folder, timeout=90)
+        except subprocess.TimeoutExpired:
+            self.fail("no end within 90 s")
+        seconds = time.monotonic() - started
+        lines = result.stdout.split(b"\n")
+        pieces = [line[len(b"long   | "):] for line in lines if line.startswith(b"long   | x")]
+        self.assertEqual((len(pieces), sum(map(len, pieces)), max(map(len, pieces))),
+                         (1024, 64 << 20, 64 << 10))
+        self.assertEqual(set(b"".join(pieces)), {ord("x")})
+        self.assertIn(b"long   | end", lines)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertLess(seconds, 30)
+        sys.stderr.write("test: 64 MiB with no newline through start: %.1f s\n" % seconds)
+        self.assertEqual(self.processes_of(app), [])
+
     COMPOSE_FEATURES = """\
 x-common: &common
   environment:
