@@ -514,7 +514,7 @@ class SshTunnel:
             return self.bridge(timeout)
         try:
             return unix_socket(os.path.join(self.folder, "engine.sock"), timeout)
-        except OSError as exc:
+        except OSError:
             if self.master.poll() is None:
                 raise
             raise self.failure("ssh ended")  # the connection dropped, or ssh was killed
