@@ -40,6 +40,11 @@ Workloads (names for --only):
     logs    convox logs --no-follow ID of one process that printed N lines (seq 1 N) vs
             docker logs ID, at 100,000 and 1,000,000 lines (--quick: 10,000 and 100,000);
             peak RSS must not grow with N
+    ssh     over an ssh:// rack: ps, exec ID true and exec stdout (256 MiB; 16 with
+            --quick), convox -r ssh://... vs docker -H ssh://... (which runs docker system
+            dial-stdio on the far side), and the stream beside convox on the local socket.
+            It starts test_convox.py's private sshd on 127.0.0.1 (root and openssh-server
+            needed; otherwise skipped with a note)
 
 Only when named (about 3 minutes, most of it waiting on purpose):
 
@@ -93,10 +98,10 @@ import convox  # noqa: E402  (the engine client; the tool under test runs as a s
 
 BENCH_LABEL = "convox.bench"
 MIB = 1024 * 1024
-WORKLOADS = ("ps", "exec", "stdout", "stdin", "run", "tty", "rss", "logs", "start-sync",
-             "swarm-ps", "swarm-exec")
+WORKLOADS = ("ps", "exec", "stdout", "stdin", "run", "tty", "rss", "logs", "ssh",
+             "start-sync", "swarm-ps", "swarm-exec")
 #: What a run without --only runs.
-DEFAULT_WORKLOADS = WORKLOADS[:8]
+DEFAULT_WORKLOADS = WORKLOADS[:9]
 
 
 class BenchError(Exception):
@@ -125,6 +130,7 @@ class Settings:
         self.sync_probes = 5 if quick else 20
         self.sync_files = 10000
         self.cpu_window = 5.0 if quick else 20.0
+        self.ssh_stream_size = 16 * MIB if quick else 256 * MIB
 
 
 # ==========================================================================================
@@ -551,6 +557,7 @@ class Bench:
         self.docker_py = None
         self.swarm = None  # a Swarm of our own, for the swarm-* workloads
         self.swarm_env = None
+        self.sshd = None  # test_convox.py's private sshd, for the ssh workloads
         self.python = sys.executable
         # Read once: convox.py may change under a long run (others edit it).
         self.modules = startup_imports()
@@ -638,6 +645,8 @@ class Bench:
     def cleanup(self):
         """Remove every container and image of this run (and the temp folder)."""
         killed = kill_children()
+        if self.sshd is not None:
+            self.sshd.cleanup()
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.swarm is not None:
             left = self.swarm.close()
@@ -1144,6 +1153,62 @@ def workload_start_sync(bench):
     return rows
 
 
+def workload_ssh(bench):
+    """The same rack reached over ssh: convox's one forward per invocation against the
+    Docker CLI's ssh (and far-side docker) per connection."""
+    if bench.rack.kind != "unix":
+        raise BenchError("the ssh workloads need an engine on a UNIX socket")
+    import test_convox  # its private sshd: own port, host key and temporary user
+    bench.sshd = test_convox.SSH
+    bench.sshd.setup(bench.rack.address)
+    if not bench.sshd.ready:
+        bench.notes.append("ssh workloads skipped: %s" % bench.sshd.problem)
+        return []
+    url = bench.sshd.url()
+    convox_env = dict(bench.env, CONVOX_RACK=url, DOCKER_HOST=url,
+                      CONVOX_SSH_COMMAND=bench.sshd.command())
+    # docker runs the `ssh` on its PATH: one that reads the private sshd's client config.
+    wrapper = os.path.join(bench.tmp, "ssh-bin")
+    os.makedirs(wrapper, exist_ok=True)
+    with open(os.path.join(wrapper, "ssh"), "w") as handle:
+        handle.write('#!/bin/sh\nexec %s "$@"\n' % bench.sshd.command().replace(
+            "ssh", shutil.which("ssh") or "/usr/bin/ssh", 1))
+    os.chmod(os.path.join(wrapper, "ssh"), 0o755)
+    docker_env = dict(bench.env, DOCKER_HOST=url,
+                      PATH=wrapper + os.pathsep + bench.env.get("PATH", ""))
+    if bench.rack.address != convox.SSH_DEFAULT_SOCKET:
+        bench.docker = None  # its far side would dial the default socket, not this engine
+        bench.notes.append("ssh: docker -H ssh:// left out (the engine is not at %s)" %
+                           convox.SSH_DEFAULT_SOCKET)
+    s = bench.settings
+    target = bench.fixtures[0]
+    size = s.ssh_stream_size
+    stream = ["head", "-c", str(size), "/dev/zero"]
+    label = "label=%s=%s" % (convox.LABEL_APP, bench.app)
+    cases = [
+        ("ps", ["ps"], ["ps", "--filter", label], False),
+        ("exec ID true", ["exec", target, "true"], ["exec", target, "true"], False),
+        ("stdout %d MiB" % (size // MIB), ["exec", target] + stream,
+         ["exec", target] + stream, True),
+    ]
+    rows = []
+    for case, words, docker_words, local in cases:
+        contenders = [Contender("convox", "convox -r ssh://... " + case,
+                                lambda w=words: measure(bench.convox(*w), convox_env))]
+        contenders += peers(bench, docker_cli=(
+            "docker -H ssh://... " + case,
+            lambda w=docker_words: measure(bench.docker_cli(*w), docker_env)))
+        if local:
+            contenders.append(Contender(
+                "local", "convox on the local socket", is_floor=True,
+                run=lambda w=words: measure(bench.convox(*w), bench.env)))
+        samples = alternate("ssh, " + case, contenders,
+                            s.stream_pairs if local else s.pairs, s.warmup)
+        rows.extend(summarise("ssh", case, contenders, samples,
+                              unit_bytes=size if local else None))
+    return rows
+
+
 #: The workloads by name, in the order they run.
 def swarm(bench):
     """The bench's Swarm (the tests' SwarmCluster), brought up on first use."""
@@ -1227,7 +1292,8 @@ def workload_swarm_exec(bench):
 
 RUNNERS = {"ps": workload_ps, "exec": workload_exec, "stdout": workload_stdout,
            "stdin": workload_stdin, "run": workload_run, "tty": workload_tty,
-           "rss": workload_rss, "logs": workload_logs, "start-sync": workload_start_sync,
+           "rss": workload_rss, "logs": workload_logs, "ssh": workload_ssh,
+           "start-sync": workload_start_sync,
            "swarm-ps": workload_swarm_ps, "swarm-exec": workload_swarm_exec}
 
 
@@ -1394,6 +1460,13 @@ def evaluate(rows):
             targets.append(("start sync: watcher CPU < 2%% of a core (%s)" % row["case"],
                             "%.2f%%" % (row["watcher_share"] * 100),
                             row["watcher_share"] < 0.02))
+    for row in find("ssh", "docker"):
+        if not row["case"].startswith("stdout"):
+            targets.append(("ssh %s <= 0.5x docker -H ssh://" % row["case"],
+                            "%.2f" % row["ratio"], row["ratio"] <= 0.5))
+    for row in find("ssh", "local"):
+        targets.append(("ssh %s within 1.1x of the local socket" % row["case"],
+                        "%.2f" % row["ratio"], row["ratio"] <= 1.1))
     for row in find("tty", "docker"):
         targets.append(("tty echo p50 within 1 ms of docker CLI", "%+.2f ms" % (
             row["p50_diff_s"] * 1000), row["p50_diff_s"] <= 0.001))
