@@ -6147,12 +6147,11 @@ class SshRackTest(ExecFixtures, SshTestCase):
         self.assertNoneLeft(app)
         self.assertNothingLeft()
 
-    @unittest.skipUnless(hasattr(convox, "cmd_logs"), "convox logs is not there yet")
     def test_logs_of_a_detached_one_off(self):
         app = app_name("sshlogs")
         self.process(app, "web")
         result = self.over_ssh("-a", app, "run", "--detach", "web", "sh", "-c",
-                               "echo first; echo second >&2")
+                               "echo first; sleep 0.3; echo second >&2")
         self.assertEqual(result.returncode, 0, result.stderr)
         ident = result.stdout.split()[-1].decode()
         self.addCleanup(self.engine.remove, ident)
