@@ -429,28 +429,25 @@ class Rack:
 #: The far side's engine socket when an ssh:// rack names none (SPEC §2.1).
 SSH_DEFAULT_SOCKET = "/var/run/docker.sock"
 
-#: The python3 stdio bridge: copies both ways, passes stdin's end on to the engine as a
-#: half-close, and ends when the engine's side does (so no output is lost at the end).
+#: The python3 stdio bridge: stdin to the engine in a thread of its own (a single loop that
+#: blocks writing one way while the other way fills up deadlocks), then a half-close; the
+#: engine's output to stdout until the engine ends (so no output is lost at the end).
 PYTHON_BRIDGE = """\
-import os, select, socket, sys
+import os, socket, sys, threading
 engine = socket.socket(socket.AF_UNIX)
 engine.connect(sys.argv[1])
-sources = [0, engine]
-while True:
-    for source in select.select(sources, [], [])[0]:
-        if source is engine:
-            data = engine.recv(65536)
-            if not data:
-                sys.exit(0)
-            while data:
-                data = data[os.write(1, data):]
-        else:
-            data = os.read(0, 65536)
-            if data:
-                engine.sendall(data)
-            else:
-                engine.shutdown(socket.SHUT_WR)
-                sources.remove(0)
+def upstream():
+    try:
+        for data in iter(lambda: os.read(0, 65536), b""):
+            engine.sendall(data)
+        engine.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+threading.Thread(target=upstream, daemon=True).start()
+for data in iter(lambda: engine.recv(65536), b""):
+    while data:
+        data = data[os.write(1, data):]
+os._exit(0)
 """
 
 

@@ -5984,6 +5984,13 @@ class SshServer:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         if self.user:
+            # What runs as the user on the far side (a bridge whose client went away).
+            with contextlib.suppress(KeyError):
+                import pwd
+                uid = pwd.getpwnam(self.user).pw_uid
+                for pid in pids_of_user(uid):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
             # -f: a session that still closes must not keep the user.
             subprocess.run(["userdel", "-f", self.user], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=30)
@@ -5996,6 +6003,18 @@ class SshServer:
                 os.rmdir("/run/sshd")
             self.made_privsep = False
         self.ready = False
+
+
+def pids_of_user(uid):
+    """PIDs of the processes that run as ``uid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat("/proc/" + entry).st_uid == uid:
+                found.append(int(entry))
+        except OSError:
+            continue  # gone meanwhile
+    return found
 
 
 SSH = SshServer()
@@ -6229,10 +6248,13 @@ class SshBridgeTest(ExecFixtures, SshTestCase):
         remote = self.over_ssh("-a", app, "ps", "--format", "json", name="refuse")
         self.assertEqual(remote.returncode, 0, remote.stderr)
         self.assertEqual([p["id"] for p in json.loads(remote.stdout.decode())], [ident])
+        # 4 MiB out before it reads its 8 MiB in: a bridge that blocks one way while the
+        # other way is full deadlocks here.
         data = os.urandom(8 * 1024 * 1024)
-        result = self.over_ssh("exec", ident, "cat", input=data, name="refuse")
+        result = self.over_ssh("exec", ident, "sh", "-c", "head -c 4194304 /dev/zero; cat",
+                               input=data, name="refuse", timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr[-500:])
-        self.assertTrue(result.stdout == data, "the 8 MiB came back changed")
+        self.assertTrue(result.stdout == bytes(4194304) + data, "the bytes came back changed")
         result = self.over_ssh("-a", app, "run", "web", "sh", "-c", "cat; exit 5",
                                input=b"bridged\n", name="refuse")
         self.assertEqual((result.returncode, result.stdout), (5, b"bridged\n"), result.stderr)
