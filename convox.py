@@ -1691,7 +1691,10 @@ class SwarmRack(EngineRack):
                             node_rack_template(self.engine.rack.url), node)
         try:
             engine = Engine(parse_rack(url, self.environ), self.environ)
-            engine.request("GET", "/_ping")  # reachable, and the API version settled
+            if engine.version is None:
+                engine.api_version()  # GET /_ping: reachable, and the API version settled
+            else:
+                engine.request("GET", "/_ping")
         except ConvoxError as exc:
             what, _, todo = str(exc).partition(" — ")
             raise EngineUnavailable(
