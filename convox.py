@@ -6970,12 +6970,14 @@ class LocalApp:
             if build is None:
                 continue
             path = os.path.join(build["context"], build.get("dockerfile") or "Dockerfile")
+            rel = _go_clean(os.path.relpath(path, build["context"]).replace(os.sep, "/"))
+            # Read as the build reads its context: never through a link, never a fifo.
+            text = None if rel.startswith("../") else read_context_file(build["context"], rel)
+            if text is None:
+                continue  # the build says what is wrong (a Dockerfile outside: no sync)
             args = {k: v for k, v in (build.get("args") or {}).items() if v is not None}
-            try:
-                with open(path, encoding="utf-8", errors="replace") as handle:
-                    copies = dockerfile_copies(handle.read(), args, build.get("target"))
-            except OSError:
-                continue  # the build says what is wrong
+            copies = dockerfile_copies(text.decode("utf-8", "replace"), args,
+                                       build.get("target"))
             if copies:
                 if build["context"] not in by_root:
                     by_root[build["context"]] = ContextWatch(build["context"])

@@ -3189,6 +3189,22 @@ COPY \\
                 self.assertEqual([d for d, _ in convox.copy_destinations(
                     copies, rel, is_dir=rel == "src")], expected)
 
+    def test_dockerfile_read_as_the_build_reads_it(self):
+        """A Dockerfile that is a fifo (or a link out of the context) is not waited on or
+        followed: no sync for that service, and the build reports it."""
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        with open(os.path.join(root, "convox.yml"), "w") as handle:
+            handle.write("services:\n  web:\n    build: .\n  api:\n    build:\n"
+                         "      path: .\n      manifest: Dockerfile.api\n")
+        with open(os.path.join(root, "Dockerfile.api"), "w") as handle:
+            handle.write("FROM x\nCOPY . /app\n")
+        os.mkfifo(os.path.join(root, "Dockerfile"))
+        manifest = convox.load_manifest(os.path.join(root, "convox.yml"), {})
+        watches = convox.LocalApp(None, "app", manifest, "R").watches(["web", "api"])
+        self.assertEqual(sorted(watches), ["api"])
+        self.assertEqual(watches["api"][1][0].dest, "/app")
+
     def test_watch_sees_changes_and_honours_dockerignore(self):
         root = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, root, True)
