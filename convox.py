@@ -2379,6 +2379,8 @@ def stamp_seconds(stamp):
 
 #: Docker cuts a log line longer than this into entries (daemon/logger/copier.go).
 LOG_CUT = 16 * 1024
+#: The longest line held whole: a process that never ends its line costs no more memory.
+LOG_LINE_MAX = 1024 * 1024
 #: Docker's stamp (RFC3339NanoFixed) and its space, where it starts a cut line's next piece.
 _CUT_STAMP = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")
 
@@ -2390,8 +2392,8 @@ class LogLines:
     frames), raw lines with one.  A frame without a newline is the start of a line that the
     engine cut (Docker at 16 KiB); the entries that continue it carry stamps of their own,
     dropped here, so that a line is never split.  ``feed(data)`` -> ``[(stamp, stream,
-    text)]``: stamps canonical and never decreasing (one process keeps its order), text
-    without its line end.  ``end()`` -> what is left when the stream ends.
+    text)]``: stamps canonical (see canonical_stamp), text without its line end; ``end()``
+    -> what is left when the stream ends.
     """
 
     def __init__(self, tty):
@@ -2409,6 +2411,9 @@ class LogLines:
                 raise
         lines = (self.rest + bytes(data)).split(b"\n")
         self.rest = lines.pop()
+        if len(self.rest) > LOG_LINE_MAX:  # a line that never ends: printed in parts
+            lines.append(self.rest)
+            self.rest = b""
         # A raw stream has no frames to tell a cut line by: its pieces run together, each
         # after a stamp of its own.  Only a line over the engine's 16 KiB can be one.
         lines = [line[:31] + _CUT_STAMP.sub(b"", line[31:]) if len(line) > LOG_CUT else line
@@ -2420,10 +2425,9 @@ class LogLines:
     def end(self):
         """The lines still open when the stream ends, each a whole line (SPEC §9)."""
         out = self.feed(b"\n") if self.rest else []
-        for stamp, stream, text in sorted((stamp, stream, text) for stream, (stamp, text)
-                                          in self.cut.items()):
-            stamp = max(stamp, self.last)
-            out += [(stamp, stream, line) for line in text.split(b"\n")]
+        for stamp, stream, pieces in sorted((stamp, stream, pieces) for stream, (
+                stamp, pieces, _) in self.cut.items()):
+            out += [(stamp, stream, line) for line in b"".join(pieces).split(b"\n")]
         self.cut = {}
         return out
 
@@ -2447,12 +2451,17 @@ class LogLines:
                 stamp = canonical_stamp(raw)
                 if stamp is None:  # no stamp at all: the previous line's time
                     stamp, text = last, entry
+            pieces, size = [text], len(text)
             if stream in cut:  # continues a cut line: its own stamp is dropped
-                stamp, start = cut.pop(stream)
-                text = start + text
+                stamp, pieces, size = cut.pop(stream)
+                pieces.append(text)
+                size += len(text)
             if text[-1:] != b"\n":
-                cut[stream] = (stamp, text)
-                continue
+                if size <= LOG_LINE_MAX:
+                    cut[stream] = (stamp, pieces, size)
+                    continue
+                pieces.append(b"\n")  # a line that never ends: printed in parts of 1 MiB
+            text = b"".join(pieces)
             if stamp > last:
                 last = stamp
             # several lines in one entry share its stamp

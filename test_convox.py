@@ -1185,6 +1185,22 @@ class LogLinesTest(unittest.TestCase):
                          [(self.S1, 1, piece * 2 + b"end"),
                           (self.S3, 1, b"short 2026-12-02T10:00:00.000000001Z kept")])
 
+    def test_a_line_that_never_ends_costs_bounded_memory(self):
+        piece = b"z" * 16384
+        data = b"".join(log_frame(1, self.S1, piece) for _ in range(200))  # 3.1 MiB, no end
+        lines = convox.LogLines(False)
+        out = lines.feed(data)
+        self.assertTrue(out and all(len(text) <= convox.LOG_LINE_MAX + len(piece)
+                                    for _, _, text in out), [len(t) for _, _, t in out])
+        self.assertLessEqual(sum(len(p) for p in lines.cut[1][1]), convox.LOG_LINE_MAX)
+        out += lines.end()
+        self.assertEqual(b"".join(text for _, _, text in out), piece * 200)
+        tty = convox.LogLines(True)
+        out = tty.feed(self.S1 + b" " + b"z" * (3 * convox.LOG_LINE_MAX))
+        self.assertLessEqual(len(tty.rest), convox.LOG_LINE_MAX)
+        self.assertEqual(b"".join(t for _, _, t in out + tty.end()),
+                         b"z" * (3 * convox.LOG_LINE_MAX))
+
     def test_other_stamp_forms(self):
         # Podman writes whole seconds; an engine may write an offset.
         data = (log_frame(1, b"2026-12-02T10:00:00Z", b"podman\n") +
