@@ -5887,10 +5887,11 @@ class SshServer:
     and a PATH with only sh and python3, so that convox must bridge with python3.
     """
 
-    def __init__(self):
+    def __init__(self, user=None):
         self.ready = False
         self.problem = None
         self.folder = self.user = None
+        self.user_name = user or "cvx%s" % RUN_ID
         self.procs = {}
         self.made_privsep = False
 
@@ -5920,7 +5921,7 @@ class SshServer:
         for key in ("host_key", "user_key", "other_key"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path(key)],
                            check=True, stdout=subprocess.DEVNULL, timeout=30)
-        self.user = "cvx%s" % RUN_ID
+        self.user = self.user_name
         group = grp.getgrgid(os.stat(socket_path).st_gid).gr_name
         os.makedirs(path("home", ".ssh"))
         shutil.copy(path("user_key.pub"), path("home", ".ssh", "authorized_keys"))
@@ -7063,6 +7064,107 @@ class LogsTerminalTest(TerminalTestCase):
             self.assertNotIn(b"\x1b[", term.output)
             self.assertIn(b"%s | hello from web\r\n" % ("web-" + web[:8]).encode(),
                           term.output)
+
+
+class SwarmSshTest(SwarmAppTestCase):
+    """Nodes reached over ssh, as most Swarms are: an sshd in each worker's network
+    namespace (key-only user, host keys checked), CONVOX_NODE_RACK=ssh://USER@{addr}/…"""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.ssh = SshServer(user="cvn%s" % RUN_ID)
+        cls.sshd = []
+        try:
+            cls._start_sshd()
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def _start_sshd(cls):
+        cls.ssh.setup(cls.cluster.socket_url(0)[len("unix://"):])
+        if not cls.ssh.ready:
+            message = "ssh tests unavailable: %s" % cls.ssh.problem
+            if REQUIRE_ENGINE:
+                raise RuntimeError(message)
+            raise unittest.SkipTest(message)
+        folder = cls.ssh.folder
+        os.chmod(cls.cluster.folder, 0o711)  # the user's sshd reaches the nodes' sockets
+        with open(os.path.join(folder, "host_key.pub")) as handle:
+            host_key = " ".join(handle.read().split()[:2])
+        known = []
+        for index in (1, 2):
+            addr = cls.cluster.addrs[index]
+            config = os.path.join(folder, "sshd_node%d.conf" % index)
+            with open(config, "w") as handle:
+                handle.write(
+                    "Port 22\nListenAddress %s\nHostKey %s\nPidFile none\nUsePAM no\n"
+                    "AuthenticationMethods publickey\nPasswordAuthentication no\n"
+                    "KbdInteractiveAuthentication no\nStrictModes no\nAllowUsers %s\n"
+                    "AuthorizedKeysFile %s\n" % (
+                        addr, os.path.join(folder, "host_key"), cls.ssh.user,
+                        os.path.join(folder, "home", ".ssh", "authorized_keys")))
+            cls.sshd.append(subprocess.Popen(
+                ["nsenter", "--net=/run/netns/" + cls.cluster.names[index], "--",
+                 shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f", config],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, cwd="/"))
+            known.append("%s %s\n" % (addr, host_key))
+            for _ in deadline_loop(15, 0.05):
+                with socket.socket() as probe:
+                    if probe.connect_ex((addr, 22)) == 0:
+                        break
+        with open(os.path.join(folder, "nodes_known_hosts"), "w") as handle:
+            handle.writelines(known)
+        with open(os.path.join(folder, "ssh_config_nodes"), "w") as handle:
+            handle.write("Host *\n  IdentityFile %s\n  IdentitiesOnly yes\n"
+                         "  UserKnownHostsFile %s\n  GlobalKnownHostsFile /dev/null\n"
+                         "  BatchMode yes\n  StrictHostKeyChecking yes\n" % (
+                             os.path.join(folder, "user_key"),
+                             os.path.join(folder, "nodes_known_hosts")))
+
+    @classmethod
+    def tearDownClass(cls):
+        for proc in cls.sshd:
+            proc.terminate()
+            proc.wait(10)
+        cls.ssh.cleanup()
+        os.chmod(cls.cluster.folder, 0o700)
+        super().tearDownClass()
+
+    def node_env(self):
+        # Each node's own socket, by {hostname}: a link in the cluster's folder.
+        for index, hostname in enumerate(self.cluster.hostnames):
+            link = os.path.join(self.cluster.folder, hostname + ".sock")
+            if not os.path.lexists(link):
+                os.symlink(self.cluster.socket_url(index)[len("unix://"):], link)
+        return {"CONVOX_NODE_RACK": "ssh://%s@{addr}%s/{hostname}.sock" % (
+                    self.ssh.user, self.cluster.folder),
+                "CONVOX_SSH_COMMAND": "ssh -F %s" % os.path.join(self.ssh.folder,
+                                                                  "ssh_config_nodes")}
+
+    def test_exec_on_a_worker_over_ssh(self):
+        task = self.worker_task()
+        data = os.urandom(1024 * 1024)
+        result = self.convox("-a", self.app, "exec", task["ID"][:8], "sh", "-c",
+                             "cat; exit 9", input=data, env=self.node_env())
+        self.assertEqual(result.returncode, 9, result.stderr)
+        self.assertEqual(hashlib.sha256(result.stdout).digest(), hashlib.sha256(data).digest())
+        for _ in deadline_loop(10, 0.1):  # its ssh ended with it
+            if not self.ssh.ssh_processes():
+                break
+        self.assertEqual(self.ssh.ssh_processes(), [])
+
+    def test_run_attached_over_ssh(self):
+        worker = "node.hostname==%s" % self.cluster.hostnames[1]
+        app = app_name("sw-sshrun")
+        self.service(app, "web", replicas=1, constraints=[worker])
+        result = self.convox("-a", app, "run", "web", "sh", "-c", "cat; exit 4",
+                             input=b"over ssh\n", env=self.node_env())
+        self.assertEqual((result.returncode, result.stdout), (4, b"over ssh\n"),
+                         result.stderr)
+        self.assertNoServiceLeft(app, within=0.5)
 
 
 # ==========================================================================================
