@@ -6436,7 +6436,7 @@ def _await_init(engine, container, patience=10.0):
 def _wait_status(response):
     """StatusCode from a /wait response, or None when it broke off."""
     try:
-        body = json.loads(response.read().decode("utf-8") or "{}")
+        body = json.loads(response.read(ERROR_BODY_MAX).decode("utf-8") or "{}")
     except (OSError, ValueError, RecursionError, http.client.HTTPException):
         return None
     if (body.get("Error") or {}).get("Message"):
@@ -6499,7 +6499,7 @@ def watchdog(rack_url, container, deadline, environ):
         try:
             conn.request("POST", engine.url("/containers/%s/wait" % container,
                                             {"condition": "removed"}), body=b"")
-            conn.getresponse().read()
+            conn.getresponse().read(ERROR_BODY_MAX)
         except socket.timeout:
             engine.stop(container)
             engine.remove(container)

@@ -24,6 +24,7 @@ import os
 import pty
 import random
 import re
+import resource
 import select
 import shutil
 import signal
@@ -69,6 +70,12 @@ if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
 def app_name(suffix):
     """An app name of this run only, so that parallel runs never meet."""
     return "t%s-%s" % (RUN_ID, suffix)
+
+
+def limit_memory():
+    """In a child before exec: at most 1 GiB of address space, so that a client that reads
+    without end (a bug the test is after) fails instead of filling the shared host."""
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 
 
 def deadline_loop(seconds, interval=0.05):
@@ -1015,11 +1022,6 @@ class IdentityTest(unittest.TestCase):
     def test_app_file_must_be_a_small_regular_file(self):
         """A fifo, a link to /dev/zero, a folder or a huge file as .convox/app: one ERROR
         line at once (each used to hang, or to read until memory ran out)."""
-        import resource
-
-        def limited():  # so that a reader of /dev/zero fails instead of filling the host
-            resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-
         with tempfile.TemporaryDirectory() as folder:
             app_file = os.path.join(folder, ".convox", "app")
             os.makedirs(os.path.dirname(app_file))
@@ -1034,7 +1036,7 @@ class IdentityTest(unittest.TestCase):
                     try:
                         result = subprocess.run(
                             [sys.executable, CONVOX, "ps"], cwd=folder, timeout=10,
-                            env=client_env("unix:///nowhere.sock"), preexec_fn=limited,
+                            env=client_env("unix:///nowhere.sock"), preexec_fn=limit_memory,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                     except subprocess.TimeoutExpired:
                         self.fail(".convox/app as a %s: no answer within 10 s" % expected)
@@ -1044,8 +1046,8 @@ class IdentityTest(unittest.TestCase):
                     err = result.stderr.decode()
                     self.assertLess(time.monotonic() - started, 5)
                     self.assertEqual(result.returncode, 1, err)
-                    self.assertRegex(err, r"^ERROR: cannot read the app's name from "
-                                          r"\.convox/app: it is (a )?%s.* — .*-a APP\n\Z" % expected)
+                    self.assertRegex(err, r"^ERROR: cannot read the app's name from \.convox/"
+                                          r"app: it is (a )?%s.* — .*-a APP\n\Z" % expected)
 
 
 class ArgvTest(unittest.TestCase):
@@ -7647,6 +7649,11 @@ class FakeEngine:
         handler.close_connection = True
         if "wait-broken" in self.faults and condition != "removed":
             return
+        if "wait-endless" in self.faults and condition != "removed":
+            with contextlib.suppress(OSError):
+                while not self.stopping.is_set():  # a body with no end, as fast as read
+                    handler.wfile.write(b"100000\r\n" + b" " * 0x100000 + b"\r\n")
+            return
         event = c["Removed"] if condition == "removed" else c["Exited"]
         while not event.wait(0.1):
             if self.stopping.is_set():
@@ -7674,7 +7681,7 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
         result = subprocess.run(
             [sys.executable, CONVOX, "-a", self.APP] + list(args), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
-            env=client_env(engine.url, **env), cwd=HERE)
+            env=client_env(engine.url, **env), cwd=HERE, preexec_fn=limit_memory)
         return result.returncode, result.stdout, result.stderr, time.monotonic() - started
 
     def exec_fault(self, *faults, expect=125, tcp=False, args=("--no-tty", "web", "ls"),
@@ -7757,11 +7764,6 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
         body announced as 10 GB, one that never ends, a head and a body at one byte a second
         each end in one ERROR line, in time and in little memory (under a 1 GiB address-space
         limit, so that a client that reads on fails instead of filling the host)."""
-        import resource
-
-        def limited():
-            resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-
         for fault, budget, message in (
                 ("huge-body", 3, b"with more than 64 MiB"),
                 ("endless-body", 5, b"(with more than 64 MiB|did not answer)"),
@@ -7772,7 +7774,7 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
                 started = time.monotonic()
                 with tempfile.TemporaryFile() as err:
                     proc = subprocess.Popen(
-                        [sys.executable, CONVOX, "-a", self.APP, "ps"], preexec_fn=limited,
+                        [sys.executable, CONVOX, "-a", self.APP, "ps"], preexec_fn=limit_memory,
                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                         env=client_env(engine.url, CONVOX_TIMEOUT="2"))
                     pid = 0
@@ -7803,8 +7805,7 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
         self.addCleanup(shutil.rmtree, context)
         with open(os.path.join(context, "Dockerfile"), "w") as handle:
             handle.write("FROM scratch\n")
-        script = ("import resource, sys; sys.path.insert(0, %r); import convox\n"
-                  "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        script = ("import sys; sys.path.insert(0, %r); import convox\n"
                   "engine = convox.Engine(convox.parse_rack(%r), {})\n"
                   "try:\n"
                   "    list(engine.build(convox.tar_context(%r), {}))\n"
@@ -7813,7 +7814,7 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
         started = time.monotonic()
         try:
             result = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, timeout=30)
+                                    stderr=subprocess.PIPE, timeout=30, preexec_fn=limit_memory)
         except subprocess.TimeoutExpired:
             self.fail("no end within 30 s")
         self.assertRegex(result.stdout.decode(), r"^EngineError the engine sent a message of "
@@ -7877,7 +7878,7 @@ class FakeEngineTest(ReliabilityChecks, unittest.TestCase):
 
     def test_run_faults(self):
         for faults in (("cut-mid-frame",), ("wait-broken",), ("wait-never",),
-                       ("bad-header",), ("reset-mid-stream",)):
+                       ("wait-endless",), ("bad-header",), ("reset-mid-stream",)):
             with self.subTest(faults=faults):
                 engine = self.fake(*faults)
                 status, _, err, seconds = self.client(
