@@ -1557,7 +1557,7 @@ class SwarmRack(EngineRack):
         self._services = {}
         self._nodes = None
         self._node_engines = {}
-        self._commands = {}
+        self._image_configs = {}
 
     # -- listing ---------------------------------------------------------------------------
 
@@ -1616,13 +1616,13 @@ class SwarmRack(EngineRack):
     def image_config(self, image, engine=None):
         """The Config of an image, from the manager (or ``engine``); {} where it is absent."""
         key = (image, id(engine))
-        if key not in self._commands:
+        if key not in self._image_configs:
             try:
                 info = (engine or self.engine).request("GET", "/images/%s/json" % image)
             except EngineError:
                 info = {}
-            self._commands[key] = (info or {}).get("Config") or {}
-        return self._commands[key]
+            self._image_configs[key] = (info or {}).get("Config") or {}
+        return self._image_configs[key]
 
     def apps(self):
         services = self.engine.request("GET", "/services") or []
