@@ -1,11 +1,16 @@
 #!/bin/sh
 """":
-exec "${CONVOX_PYTHON:-python3}" -c '
+exec "${CONVOX_PYTHON:-python3}" -S -c '
 import marshal, os, sys
-sys.argv.pop(0)
+zipped = sys.argv[0] != "-c"
+if zipped:
+    source = __loader__.archive
+else:
+    sys.argv.pop(0)
+    source = os.path.realpath(sys.argv[0])
+    sys.path[0] = os.path.dirname(source)
 __file__ = sys.argv[0]
-sys.path[0] = os.path.dirname(os.path.realpath(__file__))
-stat = os.stat(__file__)
+stat = os.stat(source)
 folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "convox")
 mine = "%x-%x-%x-" % (sys.hexversion, stat.st_dev, stat.st_ino)
 cache = os.path.join(folder, mine + "%x-%x.code" % (stat.st_size, stat.st_mtime_ns))
@@ -13,8 +18,9 @@ try:
     with open(cache, "rb") as file:
         code = marshal.load(file)
 except Exception:
-    with open(__file__, "rb") as file:
-        code = compile(file.read(), __file__, "exec")
+    with open(source, "rb") as file:
+        text = __loader__.get_data(os.path.join(source, "convox.py")) if zipped else file.read()
+    code = compile(text, __file__, "exec")
     try:
         os.makedirs(folder, 0o700, exist_ok=True)
         for name in os.listdir(folder):
@@ -26,7 +32,8 @@ except Exception:
         os.replace(new, cache)
     except OSError:
         pass
-del marshal, stat, folder, mine, cache, file
+    del text
+del marshal, zipped, source, stat, folder, mine, cache, file
 exec(code)
 ' "$0" "$@"
 
@@ -74,7 +81,10 @@ The first lines are a launcher: run by name (``./convox.py``, ``convox`` on the 
 file starts under /bin/sh, which execs python3 (``CONVOX_PYTHON`` names another) with a
 loader that runs the code compiled once and kept in ``$XDG_CACHE_HOME/convox`` (default
 ``~/.cache/convox``), one file per Python version and version of this file; where nothing
-can be written it compiles as ``python3 convox.py`` always does.
+can be written it compiles as ``python3 convox.py`` always does.  Python runs it with -S:
+this file needs nothing from site-packages, whose .pth hooks can cost more than its own
+start.  The loader is also a zipapp's ``__main__.py`` (README: Install): then it takes the
+source from the archive and keys the cache on the archive.
 """
 
 import signal
@@ -2615,6 +2625,13 @@ def terminal_size(fd):
     return (rows, cols) if rows and cols else None
 
 
+def _in_main_thread():
+    """Only the main thread may set signal handlers.  No threading module loaded means no
+    thread of ours but this one (and spares importing it at every start)."""
+    threading = sys.modules.get("threading")
+    return threading is None or threading.current_thread() is threading.main_thread()
+
+
 class SignalPipe:
     """Context manager: the given signals arrive as bytes on ``fd`` (a self-pipe fed by
     ``signal.set_wakeup_fd``), so that the pump loop handles them, never a handler.
@@ -2630,8 +2647,7 @@ class SignalPipe:
         self._saved_wakeup = None
 
     def __enter__(self):
-        import threading
-        if threading.current_thread() is not threading.main_thread():
+        if not _in_main_thread():
             return self
         self.fd, self._write_fd = os.pipe()
         for fd in (self.fd, self._write_fd):
@@ -2665,8 +2681,7 @@ class TerminationAsInterrupt:
         self._saved = {}
 
     def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
+        if _in_main_thread():
             for name in self.SIGNALS:
                 signum = getattr(signal, name)
                 if signal.getsignal(signum) == signal.SIG_DFL:
@@ -3019,8 +3034,8 @@ def humanize_since(seconds):
 
 
 #: RFC 3339 as engines write it: nanoseconds optional, "Z" or an offset (Podman's local).
-_RFC3339 = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2})(\.[0-9]+)?"
-                      r"(Z|[+-][0-9]{2}:[0-9]{2})?\Z")
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                      r"(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})?\Z")
 
 
 def parse_timestamp(text):
@@ -3028,18 +3043,20 @@ def parse_timestamp(text):
     or zero time (never started).  Anything else is the engine's error, as in the Docker CLI,
     whose JSON decoding of a time fails the command."""
     import calendar
+    import datetime  # loaded already (http.client's email.utils); time.strptime is not
     if not text or text.startswith("0001-"):
         return None
     match = _RFC3339.match(text)
     try:
-        parsed = time.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S")
-    except (AttributeError, ValueError):  # no match; a 13th month, a 61st second
+        fields = [int(field) for field in match.group(1, 2, 3, 4, 5, 6)]
+        datetime.datetime(*fields)  # raises for a 13th month, a 61st second
+    except (AttributeError, ValueError):  # or no match
         raise EngineError("the engine sent a malformed time (%r) — check that the rack is a "
                           "Docker Engine API" % text[:40])
-    fraction, zone = match.group(2), match.group(3) or "Z"
+    fraction, zone = match.group(7), match.group(8) or "Z"
     offset = 0 if zone == "Z" else \
         (1 if zone[0] == "+" else -1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    return calendar.timegm(parsed) + float(fraction or 0) - offset
+    return calendar.timegm(fields) + float(fraction or 0) - offset
 
 
 def format_table(headers, rows):
@@ -7478,8 +7495,31 @@ def _common_options(parser, suppress):
                         help="engine URL: unix:///path, /path or tcp://host:port")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help layout, as wide as the terminal as shutil.get_terminal_size finds it:
+    argparse itself imports shutil (and bz2, lzma, fnmatch with it) for every option added,
+    a few ms of every start for the rare --help."""
+
+    def __init__(self, prog, **kwargs):
+        try:
+            columns = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                columns = 0
+        kwargs.setdefault("width", (columns or 80) - 2)
+        super().__init__(prog, **kwargs)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so main() owns the status."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UsageError("%s — see %s --help" % (message, self.prog))

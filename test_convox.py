@@ -3675,6 +3675,69 @@ class LauncherTest(unittest.TestCase):
                                 timeout=60)
         self.assertEqual(result.stdout, b"False False\n")
 
+    def test_the_parser_does_not_load_what_only_help_needs(self):
+        # argparse imports shutil (bz2, lzma, fnmatch) for every option it adds; ps parses
+        # its times without time.strptime's module.
+        probe = ("import sys; sys.path.insert(0, %r); import convox; "
+                 "convox.parse_command_line(convox.build_parser(), ['exec', 'ID', 'true']); "
+                 "convox.parse_timestamp('2026-12-02T10:00:00.5Z'); "
+                 "print(sorted({'shutil', 'threading', '_strptime'} & set(sys.modules)))" % HERE)
+        result = subprocess.run([sys.executable, "-S", "-c", probe], stdout=subprocess.PIPE,
+                                timeout=60)
+        self.assertEqual(result.stdout, b"[]\n")
+        usage = subprocess.run([sys.executable, CONVOX, "ps", "--help"], stdout=subprocess.PIPE,
+                               env=dict(os.environ, COLUMNS="50"), timeout=60).stdout
+        self.assertLessEqual(max(len(line) for line in usage.splitlines()), 48)
+        self.assertGreater(len(usage.splitlines()), 12)  # wrapped at 48 columns
+
+    def test_site_packages_hooks_do_not_run(self):
+        # A .pth file in site-packages runs code at every start of the interpreter (some
+        # import a package or two); convox.py needs nothing from there.
+        user_base = os.path.join(self.folder, "user")
+        site = subprocess.run(
+            [sys.executable, "-c", "import site; print(site.getusersitepackages())"],
+            stdout=subprocess.PIPE, env=dict(self.env, PYTHONUSERBASE=user_base),
+            timeout=60).stdout.decode().strip()
+        os.makedirs(site)
+        with open(os.path.join(site, "hook.pth"), "w") as handle:
+            handle.write("import sys; sys.stderr.write('the .pth hook ran\\n')\n")
+        env = dict(self.env, PYTHONUSERBASE=user_base)
+        hooked = subprocess.run([sys.executable, "-c", "pass"], stderr=subprocess.PIPE,
+                                env=env, timeout=60)
+        self.assertEqual(hooked.stderr, b"the .pth hook ran\n")  # the hook works
+        result = self.launch("--version", env=env)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+
+    def test_zipapp_with_the_loader_as_main_caches_its_code(self):
+        # README's build: the launcher's loader lines are the zipapp's __main__.py.
+        build = os.path.join(self.folder, "build")
+        os.mkdir(build)
+        shutil.copy(CONVOX, build)
+        with open(CONVOX) as source, open(os.path.join(build, "__main__.py"), "w") as main:
+            lines = source.read().splitlines(True)
+            first = lines.index("import marshal, os, sys\n")
+            main.writelines(lines[first:lines.index("exec(code)\n", first) + 1])
+        pyz = os.path.join(self.folder, "convox.pyz")
+        subprocess.run([sys.executable, "-m", "zipapp", build, "-o", pyz], check=True,
+                       timeout=60)
+        shutil.rmtree(build)
+
+        def launch(*args, **kwargs):
+            return subprocess.run([sys.executable, pyz] + list(args), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=kwargs.get("env", self.env),
+                                  cwd=self.folder, timeout=60)
+
+        result = launch("--version", env=dict(self.env, XDG_CACHE_HOME="/proc/no-such-folder"))
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, ("convox.py %s\n" % convox.__version__).encode(), b""))
+        self.assertEqual(self.cached(), [])
+        self.assertEqual(launch("--version").returncode, 0)
+        [name] = self.cached()
+        with open(os.path.join(self.cache, "convox", name), "wb") as handle:
+            marshal.dump(compile("import sys; print('from cache', sys.argv[1:])", "x", "exec"),
+                         handle)
+        self.assertEqual(launch("ps", "--all").stdout, b"from cache ['ps', '--all']\n")
+
     def test_status_and_usage_errors_pass_through(self):
         result = self.launch("run")
         self.assertEqual(result.returncode, 2)
