@@ -5296,12 +5296,19 @@ class _Glob(object):
     took minutes.  The NFA (state i: before token i; -i-1: inside the "(.*/)?" of token i)
     becomes a DFA lazily, as in RE2: each path costs a dictionary lookup per character."""
 
+    #: DFA states kept at most; then they are forgotten, and made again as needed (RE2 too
+    #: bounds the memory of its DFA).
+    max_states = 4096
+
     def __init__(self, tokens):
         self.tokens = tokens
+        self.sets, self.ids, self.accepting, self.moves = [], {}, [], {}
         self.reset()
 
     def reset(self):
-        self.sets, self.ids, self.accepting, self.moves = [], {}, [], {}
+        """Forget every DFA state, in place (a match under way holds these tables)."""
+        for table in (self.sets, self.ids, self.accepting, self.moves):
+            table.clear()
         self.dead = self._state(frozenset())
         self.start = self._state(self._closure({0}))
 
@@ -5345,9 +5352,9 @@ class _Glob(object):
                     after.add(nfa + 1)
             elif token == ch:
                 after.add(nfa + 1)
-        if len(self.sets) > 4096:
-            self.reset()  # a bound on memory, as RE2 has; the work is redone as needed
-            state = self.start
+        if len(self.sets) >= self.max_states:
+            self.reset()
+            return self._state(self._closure(after))  # ``state`` is no more: no move to keep
         nxt = self._state(self._closure(after))
         self.moves[state, ch] = nxt
         return nxt

@@ -3122,6 +3122,19 @@ class DockerignoreTest(unittest.TestCase):
                 with self.assertRaisesRegex(convox.ManifestError, r"^\.dockerignore: "):
                     convox.dockerignore_matcher(['ok', pattern])('x')
 
+    def test_forgetful_automaton_agrees(self):
+        """With room for 3 DFA states (so that they are forgotten over and over), a glob
+        gives the answers of one that keeps them all."""
+        rng = random.Random(6)
+        paths = [''.join(rng.choice('ab/.') for _ in range(rng.randrange(1, 12))).strip('/')
+                 or 'a' for _ in range(400)]
+        for pattern in ('a*b?/**/.b*', '**/[^a]*b/a*', '*a*b*/**'):
+            with self.subTest(pattern):
+                keeps, forgets = (convox._dockerignore_pattern(pattern) for _ in range(2))
+                forgets.max_states = 3
+                self.assertEqual([forgets(p) for p in paths], [keeps(p) for p in paths])
+                self.assertLessEqual(len(forgets.sets), 3)
+
     def test_linear_time(self):
         """Patterns that make a backtracking matcher take exponential time, against a tree
         25 folders deep, walked as start does it: under 2 s (today's re: minutes)."""
