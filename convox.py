@@ -545,7 +545,15 @@ class SshTunnel:
                     "ssh to %s did not connect within %g s — check that `%s` works from "
                     "here" % (self.host, timeout or CONTROL_TIMEOUT, self.hint()))
             time.sleep(0.005)
-        if not self.answers(unix_socket(local, timeout)):
+        while True:  # ssh binds, then listens: a connect in between is refused
+            try:
+                first = unix_socket(local, timeout)
+                break
+            except ConnectionRefusedError:
+                if self.master.poll() is not None or time.monotonic() > give_up:
+                    raise self.failure()
+                time.sleep(0.002)
+        if not self.answers(first):
             self.bridged = True  # forwarding refused, or no socket there: the bridge says
             if not self.answers(self.bridge(timeout)):
                 self.wait_bridges()  # for its last words

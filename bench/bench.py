@@ -1202,6 +1202,12 @@ def workload_ssh(bench):
             contenders.append(Contender(
                 "local", "convox on the local socket", is_floor=True,
                 run=lambda w=words: measure(bench.convox(*w), bench.env)))
+        else:  # what one ssh set-up costs by itself: no client can do with less
+            contenders.append(Contender(
+                "ssh-floor", "ssh HOST true (one ssh set-up)", is_floor=True,
+                run=lambda: measure([os.path.join(wrapper, "ssh"), "-p",
+                                     str(bench.sshd.ports["forward"]), "-l", bench.sshd.user,
+                                     "127.0.0.1", "true"], bench.env)))
         samples = alternate("ssh, " + case, contenders,
                             s.stream_pairs if local else s.pairs, s.warmup)
         rows.extend(summarise("ssh", case, contenders, samples,
