@@ -7095,8 +7095,8 @@ class LogsTest(RunTestCase):
         proc = self.client("-a", app, "logs", web[:12])
         proc.stdout.readline()
         proc.stdout.close()
-        _, err = proc.communicate(timeout=30)
-        self.assertEqual((proc.returncode, err), (141, b""))
+        proc.wait(timeout=30)  # not communicate(): on 3.6 it cannot take a closed stdout
+        self.assertEqual((proc.returncode, proc.stderr.read()), (141, b""))
 
     def test_bad_input(self):
         app = app_name("logsbad")
