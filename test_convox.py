@@ -3913,6 +3913,18 @@ class PsTest(EngineTestCase):
         self.assertEqual(engine.inspect(ids["job"])["Id"], ids["job"])
         self.assertEqual(engine.connections, 1)
 
+    def test_thousands_of_pipelined_inspects_do_not_jam(self):
+        # 2,500 requests (~290 KB) are more than a socket holds: sent all at once, the
+        # engine's answers would fill ours while it waits for us to read them.
+        app, ids = self.fixtures()
+        engine = convox.Engine(convox.parse_rack(HARNESS.rack_url, {}), {"CONVOX_TIMEOUT": "30"})
+        self.addCleanup(engine.close)
+        started = time.monotonic()
+        found = engine.inspect_many([ids["web"]] * 2500)
+        self.assertEqual([info["Id"] for info in found.values()], [ids["web"]])
+        self.assertLess(time.monotonic() - started, 25)
+        self.assertEqual(engine.connections, 1)
+
     def test_all_service_release_json(self):
         app, ids = self.fixtures()
         result = self.convox("-a", app, "ps", "--all")
