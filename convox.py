@@ -6819,6 +6819,9 @@ class LogFollower:
         """Until every stream has ended (with events: until interrupted)."""
         if self.events is not None and self.events_rest:
             self._event_lines(b"")
+        # A pipe's writing end turns readable (POLLERR) when its reader goes (| head): then
+        # end, as the next write would, without waiting for a line that may never come.
+        reader_gone = [self.fd] if stat.S_ISFIFO(os.fstat(self.fd).st_mode) else []
         while self.by_sock or self.events is not None:
             wait = self.merge.release(time.monotonic())
             self.flush()
@@ -6826,7 +6829,9 @@ class LogFollower:
                         if self.merge.backlog(source) < LOG_BACKLOG]
             if self.events is not None:
                 readable.append(self.events.sock)
-            ready, _, _ = select.select(readable, [], [], wait)
+            ready, _, _ = select.select(readable + reader_gone, [], [], wait)
+            if reader_gone and self.fd in ready:
+                raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
             for sock in ready:
                 try:
                     data = sock.recv(CHUNK)

@@ -7103,12 +7103,14 @@ class LogsTest(RunTestCase):
         self.assertEqual(len(output), 1)
         self.assertTrue(output[0].endswith(b" service/tty/%s %s" % (
             tty[:12].encode(), b"y" * 100000)), output[0][:100])
-        # | head -n1: the pipe closes under it; quiet, 141
-        proc = self.client("-a", app, "logs", web[:12])
-        proc.stdout.readline()
-        proc.stdout.close()
-        proc.wait(timeout=30)  # not communicate(): on 3.6 it cannot take a closed stdout
-        self.assertEqual((proc.returncode, proc.stderr.read()), (141, b""))
+        # | head -n1: the pipe closes under it; quiet, 141 -- also while no line comes
+        quiet = self.logged(app, "quiet", "echo one; sleep 3600")
+        for ident in (web, quiet):
+            proc = self.client("-a", app, "logs", ident[:12])
+            proc.stdout.readline()
+            proc.stdout.close()
+            proc.wait(timeout=10)  # not communicate(): on 3.6 it cannot take a closed stdout
+            self.assertEqual((proc.returncode, proc.stderr.read()), (141, b""))
 
     def test_bad_input(self):
         app = app_name("logsbad")
