@@ -7414,6 +7414,8 @@ def follow(local, streams, printer, signal_fd, syncer=None):
             sock.close()
             for index in (1, 2):
                 printer.flush(name, (name, index))
+            if syncer is not None:  # nothing to sync into a service that has ended
+                syncer.targets = [t for t in syncer.targets if t.service != name]
             code = _exit_code(local.engine, local.containers[name])
             if not stopping:
                 printer.say("%s exited with code %s" % (name, code))
