@@ -16,7 +16,7 @@ mine = "%x-%x-%x-" % (sys.hexversion, stat.st_dev, stat.st_ino)
 cache = os.path.join(folder, mine + "%x-%x.code" % (stat.st_size, stat.st_mtime_ns))
 try:
     with open(cache, "rb") as file:
-        code = marshal.load(file)
+        code = marshal.loads(file.read())
 except Exception:
     with open(source, "rb") as file:
         text = __loader__.get_data(os.path.join(source, "convox.py")) if zipped else file.read()
