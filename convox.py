@@ -515,7 +515,9 @@ class SshTunnel:
 
     def hint(self):
         """The ssh command a user can try by hand."""
-        return " ".join(self.command + self.destination()[:-2] + [self.host])
+        from shlex import quote
+        return " ".join(quote(word) for word in
+                        self.command + self.destination()[:-2] + [self.host])
 
     def socket(self, timeout):
         """A new connection to the far side's engine socket (ssh starts on the first)."""
@@ -651,7 +653,9 @@ class SshTunnel:
 
 def _ssh_signals():
     """In ssh's child, before exec: Ctrl-C and a hang-up are convox's to handle (it passes
-    them on to the process and cleans up over this very ssh); ssh keeps them ignored."""
+    them on to the process and cleans up over this very ssh); ssh keeps them ignored.  Not a
+    process group of its own, as the Docker CLI gives its ssh: then ssh could not ask for a
+    passphrase or a host key's confirmation on the terminal."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 

@@ -6361,6 +6361,32 @@ class SshRackTest(ExecFixtures, SshTestCase):
                 self.assertNothingLeft()
 
 
+    def test_interrupted_while_ssh_connects(self):
+        """Ctrl-C (to the whole foreground group, as a terminal sends it) or SIGTERM while
+        ssh still connects: convox ends, and its ssh and folder go with it."""
+        env = HARNESS.env(**self.ssh_env())
+        # A proxy that never answers, and ends when ssh does (its stdin ends).
+        env["CONVOX_SSH_COMMAND"] += " -o 'ProxyCommand=cat 3>&1 >&2'"
+        for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            with self.subTest(signal=signum.name):
+                proc = subprocess.Popen([sys.executable, CONVOX, "-a", "x", "ps"], env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+                self.addCleanup(lambda p=proc: p.poll() is None and (p.kill(), p.wait()))
+                for _ in deadline_loop(20, 0.05):
+                    if SSH.ssh_processes():
+                        break
+                time.sleep(0.3)
+                if signum == signal.SIGINT:
+                    os.killpg(proc.pid, signum)
+                else:
+                    proc.send_signal(signum)
+                _, err = proc.communicate(timeout=30)
+                self.assertEqual(proc.returncode, status, err)
+                self.assertEqual(err, b"ERROR: interrupted\n")
+                self.assertNothingLeft()
+
+
 class SshBridgeTest(ExecFixtures, SshTestCase):
     """A server that refuses forwarding (AllowStreamLocalForwarding no), with only sh and
     python3 on its PATH: convox bridges each connection through python3 on the far side."""
