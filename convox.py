@@ -726,11 +726,14 @@ def parse_rack(url, environ=None):
 def _ssh_rack(url, environ):
     """``ssh://[user@]host[:port][/path/of/remote/socket]`` (SPEC §2.1)."""
     from urllib.parse import unquote, urlsplit
-    parts = urlsplit("ssh://" + url.partition("://")[2])
 
     def refused(why):
         return UsageError("rack URL %r %s — use ssh://[user@]host[:port][/path/to/engine.sock]"
                           % (url, why))
+    try:
+        parts = urlsplit("ssh://" + url.partition("://")[2])
+    except ValueError:  # "Invalid IPv6 URL": a '[' without its ']'
+        raise refused("is malformed")
     if parts.password is not None:
         raise refused("carries a password (ssh would never use it); ssh asks for one, "
                       "or use a key or ssh-agent")

@@ -860,7 +860,8 @@ class RackTest(unittest.TestCase):
                    ("ssh://box#top", "fragment"), ("ssh://-oProxyCommand=x", "'-'"),
                    ("ssh://", "malformed"), ("ssh://box:0", "malformed"),
                    ("ssh://box:99999", "malformed"), ("ssh://box/a:b", "malformed"),
-                   ("ssh://b ox", "malformed")]
+                   ("ssh://b ox", "malformed"), ("ssh://[:x", "malformed"),
+                   ("ssh://ops@[::1", "malformed")]
         for url, why in refused:
             with self.subTest(url=url):
                 with self.assertRaises(convox.UsageError) as caught:
