@@ -6668,6 +6668,7 @@ class LogSource:
         self.label = ("service/%s/%s " % (self.service, self.id[:12])).encode("utf-8")
         self.name = "%s-%s" % (self.service, self.id[:8])
         self.prefix = b""     # compose's, set by the follower (its width depends on all)
+        self.colour = None    # compose's on a terminal, set by the follower
         self.stream = None
         self.lines = None
         self.last = None      # the stamp of the last line read, and how many lines had it
@@ -6713,7 +6714,9 @@ class LogFollower:
         self.follow = follow
         self.until = until        # --until: a stream that ends is done, also when running
         self.colour = colour
-        self.sources = {}         # container ID -> LogSource
+        self.sources = {}         # container ID -> LogSource, of the processes not ended
+        self.ended = {}           # container ID -> (last stamp, repeats) of ended ones
+        self.joined = 0           # processes seen: the next one's colour
         self.by_sock = {}         # socket -> LogSource, of the streams being read
         self.merge = LogMerge(self._emit, LOG_HOLD)
         self.pending = []
@@ -6745,12 +6748,15 @@ class LogFollower:
         source = self.sources.get(process.id)
         if source is None:
             source = self.sources[process.id] = LogSource(process)
+            # A process that ended and starts again goes on after its last line.
+            source.last, source.repeats = self.ended.pop(process.id, (None, 0))
+            source.colour = PREFIX_COLOURS[self.joined % len(PREFIX_COLOURS)]
+            self.joined += 1
             width = max(len(s.name) for s in self.sources.values())
-            for index, each in enumerate(self.sources.values()):
+            for each in self.sources.values():
                 text = "%s | " % each.name.ljust(width)
                 if self.colour:
-                    colour = PREFIX_COLOURS[index % len(PREFIX_COLOURS)]
-                    text = "\x1b[%dm%s\x1b[0m" % (colour, text)
+                    text = "\x1b[%dm%s\x1b[0m" % (each.colour, text)
                 each.prefix = text.encode("utf-8")
         elif source.stream is not None:
             return None  # read already
@@ -6810,6 +6816,10 @@ class LogFollower:
                 self.add(process)
                 return
         self.merge.leave(source)
+        # Only where it got to is kept: following for days through many one-offs costs
+        # no more memory than following one.
+        del self.sources[source.id]
+        self.ended[source.id] = (source.last, source.repeats)
 
     def close(self):
         """Print what still waits (also on errors: output is never lost); close streams."""

@@ -7114,6 +7114,21 @@ class LogsTest(RunTestCase):
         sys.stderr.write("figures: logs follow: a new line after %.2f s, a new one-off's line "
                          "%.2f s after run --detach returned\n" % (line_after, one_off_after))
 
+    def test_a_process_that_starts_again_goes_on_after_its_last_line(self):
+        app = app_name("logsrestart")
+        job = self.logged(app, "job", "echo ran")
+        self.wait_exited(job)
+        proc = self.client("-a", app, "logs")
+        output = read_until(proc, b" ran\n", timeout=15)
+        self.engine.start(job)  # the same container again: its old lines are not repeated
+        self.wait_exited(job)
+        output += read_until(proc, b" ran\n", timeout=5)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=10)
+        self.assertEqual((proc.returncode, err), (0, b""))
+        self.assertEqual((output + rest).count(b"service/job/%s ran\n" % job[:12].encode()), 2,
+                         output + rest)
+
     def test_long_line_whole_and_closed_pipe(self):
         app = app_name("logslong")
         web = self.logged(app, "web", "head -c 100000 /dev/zero | tr '\\0' x; echo; "
