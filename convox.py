@@ -48,8 +48,9 @@ convox.py -- Convox's one-off commands for any host with a Docker Engine API soc
     convox start SERVICE COMMAND... run COMMAND in a new local process of SERVICE
 
 One file, standard library only, CPython 3.6+.  It speaks the Docker Engine API itself
-(``http.client`` over the engine's UNIX socket, or TCP/TLS), so it works where there is a
-socket but no Docker CLI.
+(``http.client`` over the engine's UNIX socket, TCP/TLS, or for ``ssh://`` racks a UNIX socket
+that one ``ssh`` forwards from the server), so it works where there is a socket but no Docker
+CLI.
 
 Lifecycle of an attached session (``exec``; ``run`` differs only where noted)::
 
@@ -569,7 +570,13 @@ class SshTunnel:
         """Does an HTTP server answer on this fresh connection?"""
         try:
             sock.sendall(b"GET /_ping HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n")
-            return sock.recv(5) == b"HTTP/"
+            head = b""
+            while len(head) < 5:
+                chunk = sock.recv(5 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+            return head == b"HTTP/"
         except OSError:
             return False
         finally:
@@ -616,7 +623,7 @@ class SshTunnel:
         except OSError:
             lines = []
         lines = [printable(line).strip() for line in lines if line.strip()]
-        reason = "; ".join(filter(None, [what, lines[-1] if lines else "ssh failed"]))
+        reason = "; ".join(filter(None, [what, lines[-1] if lines else None])) or "ssh failed"
         return EngineUnavailable(
             "cannot reach the engine at %s over ssh (%s) — check that `%s` works from here "
             "and that the engine's socket is at %s there" % (
@@ -645,10 +652,16 @@ class SshTunnel:
             shutil.rmtree(self.folder, ignore_errors=True)
         if self.janitor is not None:
             pid, fd = self.janitor
-            os.write(fd, b"x")  # all done: nothing for it to do
-            os.close(fd)
-            _quietly(os.waitpid, pid, 0)
             self.janitor = None
+            try:
+                os.write(fd, b"x")  # all done: nothing for it to do
+            except OSError:
+                pass  # it is gone already
+            os.close(fd)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
 
 
 def _ssh_signals():
@@ -662,9 +675,15 @@ def _ssh_signals():
 
 def _spawn_janitor(ssh_pid, folder):
     """Fork a process that outlives a killed convox (SIGKILL) just long enough to end its
-    ssh and remove its folder; -> (pid, the pipe that tells it all went well)."""
+    ssh and remove its folder; -> (pid, the pipe that tells it all went well), or None when
+    it cannot fork (then a killed convox leaves them)."""
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_fd)
+        os.close(write_fd)
+        return None
     if pid:
         os.close(read_fd)
         return pid, write_fd
