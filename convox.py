@@ -6359,6 +6359,9 @@ def cmd_run(ctx):
     if args.timeout is not None and not 0 <= args.timeout <= MAX_RUN_TIMEOUT:
         raise UsageError("--timeout must be 0 (none) or a number of seconds up to %d" %
                          MAX_RUN_TIMEOUT)
+    if args.detach and args.timeout is not None:  # SPEC §6: never silently ignored
+        raise UsageError("--timeout does not apply to --detach: a detached one-off runs until "
+                         "it ends or convox ps stop — leave one of them out")
     entrypoint = not args.no_entrypoint
     if args.entrypoint is not None:
         if args.entrypoint.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -3527,6 +3527,18 @@ class CliTest(unittest.TestCase):
                 self.assertTrue(err.splitlines()[-1].startswith("ERROR: "), err)
                 self.assertNotIn("Traceback", err)
 
+    def test_detach_with_timeout_is_a_usage_error(self):
+        """A detached one-off has no timeout: --timeout with --detach is refused, not
+        silently ignored (it used to start a process that ran on past it)."""
+        for argv in (["run", "--detach", "--timeout", "5", "web", "sleep", "60"],
+                     ["run", "web", "-t", "0", "-d", "true"]):
+            with self.subTest(argv=argv):
+                status, out, err = self.main(argv, {"CONVOX_RACK": "unix:///nowhere.sock"})
+                self.assertEqual((status, out), (2, ""))
+                self.assertEqual(err, "ERROR: --timeout does not apply to --detach: a "
+                                      "detached one-off runs until it ends or convox ps stop "
+                                      "— leave one of them out\n")
+
     def test_permission_denied(self):
         if os.geteuid() != 0:
             self.skipTest("needs root to make a socket nobody may open")
