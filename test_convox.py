@@ -4882,6 +4882,43 @@ class ExecPipeTest(ExecFixtures, EngineTestCase):
                                 stderr=subprocess.PIPE, timeout=30, env=HARNESS.env())
         self.assertEqual((closed.returncode, closed.stdout), (0, b""))
 
+    def test_stdin_from_a_file_goes_by_sendfile(self):
+        app, ident = self.target("xfile")
+        data = os.urandom(3 * 1024 * 1024 + 17)
+        with tempfile.NamedTemporaryFile() as handle:
+            handle.write(data)
+            handle.flush()
+            argv = [sys.executable, CONVOX, "-a", app, "exec", ident]
+            # From where the file's offset stands, as a read would: a script that read its
+            # first bytes itself hands on the rest.
+            with open(handle.name, "rb") as source:
+                source.seek(1000)
+                result = subprocess.run(argv + ["sha256sum"], stdin=source,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        timeout=60, env=HARNESS.env())
+                self.assertEqual(source.tell(), len(data))
+            self.assertEqual((result.returncode, result.stderr), (0, b""))
+            self.assertEqual(result.stdout.split()[0].decode(),
+                             hashlib.sha256(data[1000:]).hexdigest())
+            # A process that reads a little and exits: no hang, its status.
+            with open(handle.name, "rb") as source:
+                result = subprocess.run(argv + ["sh", "-c", "head -c 5 >/dev/null; exit 3"],
+                                        stdin=source, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, timeout=60, env=HARNESS.env())
+            self.assertEqual((result.returncode, result.stderr), (3, b""))
+            if shutil.which("strace"):
+                log = os.path.join(tempfile.mkdtemp(), "log")
+                self.addCleanup(shutil.rmtree, os.path.dirname(log))
+                with open(handle.name, "rb") as source:
+                    subprocess.run(["strace", "-f", "-o", log, "-e", "trace=sendfile,readv"]
+                                   + argv + ["sh", "-c", "cat >/dev/null"], stdin=source,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   timeout=60, env=HARNESS.env(), check=True)
+                with open(log) as trace:
+                    calls = trace.read()
+                self.assertIn("sendfile(", calls)
+                self.assertNotIn("readv(0,", calls)
+
     def test_forced_tty_over_pipes(self):
         app, ident = self.target("xforced")
         script = "tty >/dev/null && echo x; sleep 0.5; echo y; exit 3"
