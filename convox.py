@@ -586,7 +586,12 @@ class SshTunnel:
 
     def bridge(self, timeout):
         """A connection through a stdio bridge on the far side, over the master."""
-        self.bridges = [proc for proc in self.bridges if proc.poll() is None]
+        for proc in list(self.bridges):  # reap those that ended; in place, as another
+            if proc.poll() is not None:  # thread (Swarm's task watcher) may append
+                try:
+                    self.bridges.remove(proc)
+                except ValueError:
+                    pass  # that thread was quicker
         ours, theirs = socket.socketpair()
         try:
             self.bridges.append(self.spawn(

@@ -6101,12 +6101,15 @@ class SshServer:
         for name, lines in (("known_hosts", known), ("wrong_known_hosts", wrong)):
             with open(path(name), "w") as handle:
                 handle.writelines(lines)
-            with open(path("ssh_config" if name == "known_hosts" else "ssh_config_wrong"),
-                      "w") as handle:
+        # The client's configs: ours; a wrong host key; a key the server does not know.
+        for config, key, hosts in (("ssh_config", "user_key", "known_hosts"),
+                                   ("ssh_config_wrong", "user_key", "wrong_known_hosts"),
+                                   ("ssh_config_nokey", "other_key", "known_hosts")):
+            with open(path(config), "w") as handle:
                 handle.write("Host *\n  IdentityFile %s\n  IdentitiesOnly yes\n"
                              "  UserKnownHostsFile %s\n  GlobalKnownHostsFile /dev/null\n"
                              "  BatchMode yes\n  StrictHostKeyChecking yes\n"
-                             % (path("user_key"), path(name)))
+                             % (path(key), path(hosts)))
         for name, port in self.ports.items():
             log = open(path("sshd_%s.log" % name), "wb")
             self.procs[name] = subprocess.Popen(
@@ -6394,6 +6397,8 @@ class SshRackTest(ExecFixtures, SshTestCase):
              "Connection refused"),
             ("bad host key", dict(config="ssh_config_wrong"), 1,
              "Host key verification failed"),
+            ("a key the server refuses", dict(config="ssh_config_nokey"), 1,
+             "Permission denied (publickey)"),
             ("no socket there", dict(url=SSH.url(path="/nowhere/docker.sock")), 1,
              "no socket at /nowhere/docker.sock"),
             ("a password", dict(url="ssh://%s:secret@127.0.0.1:22" % SSH.user), 2,
