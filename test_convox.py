@@ -6033,7 +6033,6 @@ class SshServer:
         self.folder = self.user = None
         self.user_name = user or "cvx%s" % RUN_ID
         self.procs = {}
-        self.made_privsep = False
 
     def setup(self, socket_path):
         if self.ready or self.problem:
@@ -6074,9 +6073,9 @@ class SshServer:
                 "python3", path="/usr/local/bin:/usr/bin:/bin")
             os.symlink(target, path("bin", program))
         os.chmod(path("bin"), 0o755)
-        if not os.path.isdir("/run/sshd"):  # sshd's privilege separation directory
-            os.makedirs("/run/sshd", 0o755)
-            self.made_privsep = True
+        # sshd's privilege separation directory, as its service makes it; left in place
+        # (another run's sshd may be using it).
+        os.makedirs("/run/sshd", 0o755, exist_ok=True)
         with open(path("host_key.pub")) as handle:
             host_key = " ".join(handle.read().split()[:2])
         with open(path("other_key.pub")) as handle:
@@ -6174,10 +6173,6 @@ class SshServer:
         if self.folder:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
-        if self.made_privsep:
-            with contextlib.suppress(OSError):
-                os.rmdir("/run/sshd")
-            self.made_privsep = False
         self.ready = False
 
 
