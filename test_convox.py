@@ -6569,10 +6569,14 @@ class SwarmTestCase(unittest.TestCase):
         return self.manager.request("GET", "/services", {"filters": {
             "label": ["%s=%s" % (convox.LABEL_APP, app)]}})
 
+    def one_offs_of(self, app):
+        """The app's one-off services (the app's own services are not among them)."""
+        return [s for s in self.services_of(app)
+                if s["Spec"]["Labels"].get(convox.LABEL_TYPE) == "process"]
+
     def assertNoServiceLeft(self, app, within=20):
         for _ in deadline_loop(within, 0.2):
-            left = [s for s in self.services_of(app)
-                    if s["Spec"]["Labels"].get(convox.LABEL_TYPE) == "process"]
+            left = self.one_offs_of(app)
             if not left:
                 return
         self.fail("one-off services of %s remain: %r" % (app, [s["Spec"]["Name"] for s in left]))
@@ -6863,7 +6867,7 @@ class SwarmRunTest(SwarmAppTestCase):
         deadline = time.monotonic() + 2
         proc.kill()
         proc.communicate(timeout=10)
-        self.assertTrue(self.services_of(self.app))  # still there: the client is gone
+        self.assertTrue(self.one_offs_of(self.app))  # still there: the client is gone
         self.assertNoServiceLeft(self.app, within=deadline - time.monotonic() + 15)
 
     def test_node_labels_place_the_one_off(self):
@@ -6902,7 +6906,7 @@ class SwarmRunTest(SwarmAppTestCase):
                            'trap "echo got-int; exit 7" INT; echo ready; '
                            'while :; do sleep 0.1; done')
         session.expect("ready")
-        self.assertTrue(self.services_of(self.app))
+        self.assertTrue(self.one_offs_of(self.app))
         session.send("\x03")
         session.expect("got-int")
         self.assertEqual(session.wait(), 7)
