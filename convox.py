@@ -7585,9 +7585,6 @@ def start_command(ctx, local, names, command, printer):
 # CLI
 # ==========================================================================================
 
-VERBS = ("ps", "exec", "run", "logs", "start")
-
-
 def _common_options(parser, suppress):
     """-a/--app and -r/--rack, accepted before the verb and among its options (SPEC §1)."""
     default = argparse.SUPPRESS if suppress else None
