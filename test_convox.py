@@ -4411,6 +4411,18 @@ services:
     def network_names(self):
         return [n["Name"] for n in self.engine.request("GET", "/networks")]
 
+    def first_start(self, app, folder, output):
+        """A `convox start` left running; -> (its Popen, [the ID of its one service])."""
+        first = subprocess.Popen([sys.executable, CONVOX, "-a", app, "start"], cwd=folder,
+                                 env=HARNESS.env(), stdout=output, stderr=output)
+        self.addCleanup(lambda: first.poll() is None and first.kill())
+        for _ in deadline_loop(60, 0.2):
+            running = [s["Id"] for s in self.processes_of(app) if s["State"] == "running"]
+            if running:
+                break
+        self.assertEqual(len(running), 1)
+        return first, running
+
     def test_foreign_container_named_like_a_service_survives(self):
         app = app_name("victim")
         victim = self.foreign_container(app + "-db")
@@ -4437,15 +4449,7 @@ services:
     def test_second_start_says_running_and_touches_nothing(self):
         app = app_name("twice")
         folder = self.app_dir("convox.yml", self.MANIFEST.format(image=self.image))
-        first = subprocess.Popen([sys.executable, CONVOX, "-a", app, "start"], cwd=folder,
-                                 env=HARNESS.env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
-        self.addCleanup(lambda: first.poll() is None and first.kill())
-        for _ in deadline_loop(60, 0.2):
-            running = [s["Id"] for s in self.processes_of(app) if s["State"] == "running"]
-            if running:
-                break
-        self.assertEqual(len(running), 1)
+        first, running = self.first_start(app, folder, subprocess.PIPE)
         result = self.convox("-a", app, "start", cwd=folder, timeout=60)
         self.assertEqual(result.returncode, 1, result.stdout)
         self.assertOneErrorLine(result)
@@ -4462,14 +4466,7 @@ services:
     def test_leftovers_of_a_killed_start_are_replaced(self):
         app = app_name("leftover")
         folder = self.app_dir("convox.yml", self.MANIFEST.format(image=self.image))
-        first = subprocess.Popen([sys.executable, CONVOX, "-a", app, "start"], cwd=folder,
-                                 env=HARNESS.env(), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-        self.addCleanup(lambda: first.poll() is None and first.kill())
-        for _ in deadline_loop(60, 0.2):
-            running = [s["Id"] for s in self.processes_of(app) if s["State"] == "running"]
-            if running:
-                break
+        first, running = self.first_start(app, folder, subprocess.DEVNULL)
         first.kill()
         first.wait()
         self.engine.stop(running[0], grace=1)  # what `convox ps stop` does
