@@ -6065,12 +6065,20 @@ class SshServer:
         subprocess.run(["useradd", "-M", "-d", path("home"), "-s", "/bin/sh", "-G", group,
                         "-p", "*", self.user], check=True, timeout=30)
         subprocess.run(["chown", "-R", self.user, path("home")], check=True, timeout=30)
-        os.makedirs(path("bin"))  # the refusing server's PATH: no docker, socat or nc
-        for program in ("sh", "python3"):
-            target = "/bin/sh" if program == "sh" else shutil.which(
-                "python3", path="/usr/local/bin:/usr/bin:/bin")
-            os.symlink(target, path("bin", program))
-        os.chmod(path("bin"), 0o755)
+        # Servers that refuse forwarding, each with sh and one bridge on its PATH: python3,
+        # and those of docker, socat and nc that this machine has.
+        servers = [("forward", "")]
+        for bridge in ("python3", "docker", "socat", "nc"):
+            found = shutil.which(bridge, path="/usr/local/bin:/usr/bin:/bin")
+            if not found:
+                continue
+            folder = path("bin-" + bridge)
+            os.makedirs(folder)
+            os.symlink("/bin/sh", os.path.join(folder, "sh"))
+            os.symlink(found, os.path.join(folder, bridge))
+            os.chmod(folder, 0o755)
+            servers.append(("refuse" if bridge == "python3" else "refuse-" + bridge,
+                            "AllowStreamLocalForwarding no\nSetEnv PATH=%s\n" % folder))
         # sshd's privilege separation directory, as its service makes it; left in place
         # (another run's sshd may be using it).
         os.makedirs("/run/sshd", 0o755, exist_ok=True)
@@ -6080,9 +6088,7 @@ class SshServer:
             other_key = " ".join(handle.read().split()[:2])
         self.ports = {}
         known, wrong = [], []
-        for name, extra in (("forward", ""),
-                            ("refuse", "AllowStreamLocalForwarding no\n"
-                                       "SetEnv PATH=%s\n" % path("bin"))):
+        for name, extra in servers:
             port = free_port()
             self.ports[name] = port
             known.append("[127.0.0.1]:%d %s\n" % (port, host_key))
@@ -6456,6 +6462,23 @@ class SshBridgeTest(ExecFixtures, SshTestCase):
                                input=b"bridged\n", name="refuse")
         self.assertEqual((result.returncode, result.stdout), (5, b"bridged\n"), result.stderr)
         self.assertNoneLeft(app)
+        self.assertNothingLeft()
+
+    def test_the_other_bridges(self):
+        """docker system dial-stdio, socat -t 86400 and nc -N, where the far side has them:
+        stdin's end reaches the process, and output that follows it is not lost."""
+        ident = self.process(app_name("sshbridges"), "web")
+        data = os.urandom(1024 * 1024)
+        bridges = sorted(name for name in SSH.ports if name.startswith("refuse-"))
+        self.assertTrue(bridges or not REQUIRE_ENGINE, "CI has docker, socat and nc")
+        for name in bridges:
+            with self.subTest(name):
+                result = self.over_ssh("exec", ident, "sh", "-c", "head -c 1048576 /dev/zero;"
+                                       " cat; sleep 0.3; echo late", input=data, name=name,
+                                       timeout=60)
+                self.assertEqual(result.returncode, 0, result.stderr[-500:])
+                self.assertTrue(result.stdout == bytes(1048576) + data + b"late\n",
+                                "the bytes came back changed")
         self.assertNothingLeft()
 
     def test_no_socket_there(self):
