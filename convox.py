@@ -5819,14 +5819,13 @@ def _parse_copy(keyword, rest, variables, workdir):
     if "from" in flags:
         return None  # from another stage or image, not from the context
     rest = rest.strip()
-    if rest.startswith("["):
-        try:
-            words = json.loads(rest)
-        except ValueError:
-            words = rest.split()
-    else:
-        words = rest.split()
-    words = [_substitute(str(word), variables) for word in words]
+    try:
+        words = json.loads(rest) if rest.startswith("[") else None
+    except (ValueError, RecursionError):  # RecursionError: nested 100,000 deep
+        words = None
+    if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
+        words = rest.split()  # not an array of strings: the builder reads the shell form
+    words = [_substitute(word, variables) for word in words]
     if len(words) < 2:
         return None
     sources = [_go_clean(word) for word in words[:-1]

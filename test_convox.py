@@ -3204,6 +3204,18 @@ COPY \\
         args = convox.dockerfile_copies(self.DOCKERFILE, args={"APP": "/app"})
         self.assertEqual(args[0].dest, "/app/")
 
+    def test_json_form_of_anything_but_strings(self):
+        """A hostile repository's COPY ["…"] nested 100,000 deep, or with other values than
+        strings, is read as the shell form, as the builder reads it (it was a
+        RecursionError that start printed as "…report it")."""
+        deep = "FROM x\nCOPY " + "[" * 100000 + "]" * 100000 + "\n"
+        started = time.monotonic()
+        self.assertEqual(convox.dockerfile_copies(deep), [])
+        self.assertLess(time.monotonic() - started, 1)
+        copies = convox.dockerfile_copies('FROM x\nCOPY ["a", {"b": 1}, 2] /app/\n')
+        self.assertEqual([(c.sources, c.dest) for c in copies],
+                         [(['["a",', '{"b":', '1},', '2]'], "/app/")])
+
     def test_destinations(self):
         copies = convox.dockerfile_copies(self.DOCKERFILE)
         table = [
