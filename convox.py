@@ -6829,7 +6829,9 @@ class LogFollower:
         for line in lines:
             try:
                 event = json.loads(line.decode("utf-8"))
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested 100,000 deep
+                continue
+            if not isinstance(event, dict):
                 continue
             if event.get("timeNano"):
                 self.events_since = "%d.%09d" % divmod(event["timeNano"], 10 ** 9)

@@ -8198,6 +8198,37 @@ class LogsFakeEngineTest(ReliabilityChecks, unittest.TestCase):
         self.assertEqual([q.get("since") for q in self.queries],
                          [None, convox.stamp_seconds(self.STAMPS[3])])
 
+    def test_events_that_are_not_events(self):
+        """An engine whose event stream sends JSON nested 100,000 deep, or values that are
+        not objects: those lines are passed over, and logs follows on (it ended in a
+        RecursionError, "…report it")."""
+        class EventEngine(FakeEngine):
+            def route(self, handler, method, path, query, body):
+                if path != "/events" and not re.match(r"/containers/[^/]+/logs$", path):
+                    return super().route(handler, method, path, query, body)
+                handler.close_connection = True
+                handler.wfile.write(b"HTTP/1.0 200 OK\r\n\r\n")
+                if path == "/events":
+                    handler.wfile.write(b"[" * 100000 + b"]" * 100000 + b"\n1\n[]\nnull\n")
+                else:
+                    handler.wfile.write(log_frame(1, LogsFakeEngineTest.STAMPS[0], b"line\n"))
+                handler.wfile.flush()
+                self.stopping.wait(30)  # following: the streams stay open
+        engine = EventEngine()
+        self.addCleanup(engine.close)
+        engine.add_container("shop", "web")
+        proc = subprocess.Popen([sys.executable, CONVOX, "-a", "shop", "logs"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=client_env(engine.url))
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        output = read_until(proc, b"line\n", timeout=20)
+        time.sleep(1)  # the events read meanwhile
+        self.assertIsNone(proc.poll())
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=10)
+        self.assertEqual((proc.returncode, err), (0, b""))
+        self.assertEqual((output + rest).count(b"\n"), 1)
+
     def test_engine_error_frame(self):
         engine, ident = self.fake(log_frame(1, self.STAMPS[0], b"before\n") +
                                   struct.pack(">BxxxL", 3, 18) + b"log file corrupted")
