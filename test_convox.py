@@ -6347,6 +6347,14 @@ class SshRackTest(ExecFixtures, SshTestCase):
         # SIGTERM to the client: the same clean end.
         proc = self.ssh_client("-a", app, "run", "web", "sh", "-c", "echo go; sleep 100")
         read_until(proc, b"go")
+        # Meanwhile: the forwarded socket is in a folder only we can open (the client's, and
+        # its watchdog's, which may still be connecting).
+        import stat
+        folders = [os.path.join(self.tmp, name) for name in os.listdir(self.tmp)]
+        self.assertTrue(any(stat.S_ISSOCK(os.lstat(os.path.join(f, "engine.sock")).st_mode)
+                            for f in folders if os.path.exists(os.path.join(f, "engine.sock"))))
+        for folder in folders:
+            self.assertEqual(os.stat(folder).st_mode & 0o777, 0o700)
         proc.terminate()
         proc.communicate(timeout=30)
         self.assertEqual(proc.returncode, 143)
