@@ -8,7 +8,8 @@ engine, real terminals.
 The real-engine tests use the engine convox.py would find (CONVOX_RACK, DOCKER_HOST, the
 default sockets).  When none answers and ``dockerd`` is installed (and we are root), a
 private one is started for the run, with its own data root and socket, and stopped after.
-CONVOX_TEST_REQUIRE_ENGINE=1 turns "no engine" into a failure instead of a skip (CI sets it).
+CONVOX_TEST_REQUIRE_ENGINE=1 turns "no engine" (and a test that needs root or a missing tool)
+into a failure instead of a skip (CI sets it).
 CONVOX_TEST_SLOW=1 adds the slow group (hundreds of containers, long soaks, and the Swarm
 tests, which bring up a Swarm of three private dockerds in network namespaces of their own).
 Everything a test creates carries the label convox.test=RUN_ID and is removed at the end.
@@ -76,6 +77,14 @@ def limit_memory():
     """In a child before exec: at most 1 GiB of address space, so that a client that reads
     without end (a bug the test is after) fails instead of filling the shared host."""
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def skip_unless_required(test, message):
+    """Skip a test this machine cannot run (not root, a tool missing), except where CI
+    requires every test (CONVOX_TEST_REQUIRE_ENGINE=1): there a skip would pass unseen."""
+    if REQUIRE_ENGINE:
+        test.fail("%s (CONVOX_TEST_REQUIRE_ENGINE=1: required)" % message)
+    test.skipTest(message)
 
 
 def deadline_loop(seconds, interval=0.05):
@@ -3455,7 +3464,7 @@ while True:
         """A folder the user may list but not enter: the build fails naming it, as a local
         error, not as "the build stream from the engine broke"."""
         if os.geteuid() != 0:
-            self.skipTest('needs root to run the walk as another user')
+            skip_unless_required(self, 'needs root to run the walk as another user')
         os.chmod(self.dir, 0o755)
         self.write('Dockerfile', b'FROM scratch\n')
         self.write('locked/file')
@@ -3553,7 +3562,7 @@ class CliTest(unittest.TestCase):
 
     def test_permission_denied(self):
         if os.geteuid() != 0:
-            self.skipTest("needs root to make a socket nobody may open")
+            skip_unless_required(self, "needs root to make a socket nobody may open")
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         path = os.path.join(folder, "engine.sock")
@@ -5313,7 +5322,8 @@ class ExecTLSTest(ExecFixtures, EngineTestCase):
         private dockerd in a network namespace of its own, convox run inside it."""
         tools = ("dockerd", "unshare", "nsenter", "ip")
         if os.geteuid() != 0 or not all(shutil.which(tool) for tool in tools):
-            self.skipTest("needs root and dockerd, unshare, nsenter, ip: " + INSTALL_HINT)
+            skip_unless_required(self, "needs root and dockerd, unshare, nsenter, ip: " +
+                                 INSTALL_HINT)
         tls = self.tls
         private = PrivateDockerd([
             "-H", "tcp://127.0.0.1:2376", "--tlsverify", "--tlscacert", tls.path("ca.pem"),
@@ -8358,9 +8368,9 @@ class EngineDeathTest(ReliabilityChecks, TerminalTestCase):
 
     def test_engine_killed_mid_session(self):
         if os.geteuid() != 0:
-            self.skipTest("needs root to start a second dockerd")
+            skip_unless_required(self, "needs root to start a second dockerd")
         if not (shutil.which("dockerd") and shutil.which("unshare")):
-            self.skipTest("needs dockerd and unshare: " + INSTALL_HINT)
+            skip_unless_required(self, "needs dockerd and unshare: " + INSTALL_HINT)
         private = PrivateDockerd()
         self.addCleanup(private.cleanup)
         builder = Harness()
