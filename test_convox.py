@@ -635,10 +635,11 @@ class EngineTestCase(unittest.TestCase):
                               cwd=cwd or HERE)
 
     def docker(self, *args, input=None, timeout=120):
-        """The Docker CLI, as an oracle; skipped when it is not installed."""
+        """The Docker CLI, as an oracle; skipped when it is not installed (unless required)."""
         docker = shutil.which("docker")
         if not docker:
-            self.skipTest("the Docker CLI is not installed (used only as an oracle)")
+            skip_unless_required(self, "the Docker CLI is not installed (used only as an "
+                                       "oracle)")
         return subprocess.run([docker] + list(args), input=input, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=timeout, env=HARNESS.env())
 
@@ -7074,7 +7075,8 @@ class LogsTest(RunTestCase):
         the order the engine sent them)."""
         docker = shutil.which("docker")
         if not docker:
-            self.skipTest("the Docker CLI is not installed (used only as an oracle)")
+            skip_unless_required(self, "the Docker CLI is not installed (used only as an "
+                                       "oracle)")
         result = subprocess.run([docker, "logs", "-t", ident], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=HARNESS.env(), timeout=60)
         output = result.stdout[:-1] if result.stdout.endswith(b"\n") else result.stdout
