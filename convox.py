@@ -6595,14 +6595,19 @@ def watchdog(rack_url, container, deadline, environ):
     try:
         if container.startswith("service:"):  # a Swarm one-off's service
             return _watch_service(engine, container[len("service:"):], float(deadline))
-        conn = engine.connect(timeout=max(0.0, float(deadline) - time.time()) + 1)
         try:
+            conn = engine.connect(timeout=max(0.0, float(deadline) - time.time()) + 1)
             conn.request("POST", engine.url("/containers/%s/wait" % container,
                                             {"condition": "removed"}), body=b"")
             conn.getresponse().read(ERROR_BODY_MAX)
-        except socket.timeout:
-            engine.stop(container)
-            engine.remove(container)
+            return  # removed before its deadline
+        except (ConvoxError, OSError, http.client.HTTPException):
+            pass  # the deadline passed (socket.timeout), or the way there broke (ssh)
+        time.sleep(max(0.0, float(deadline) - time.time()))
+        engine.close()  # a new way there: after an hour, the old one may be long dead
+        engine.rack.close()
+        engine.stop(container)
+        engine.remove(container)
     finally:
         engine.rack.close()
 
@@ -6617,6 +6622,8 @@ def _watch_service(engine, service, deadline):
         except NotFound:
             return
         except ConvoxError:
+            engine.close()  # the next look takes a new way there (a new ssh)
+            engine.rack.close()
             continue
     engine.request("DELETE", "/services/%s" % service)
 

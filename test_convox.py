@@ -6404,6 +6404,26 @@ class SshRackTest(ExecFixtures, SshTestCase):
         # The watchdog's own ssh ends with it, and the client's with the client.
         self.assertNothingLeft(within=15)
 
+    def test_timeout_holds_when_the_watchdogs_ssh_breaks(self):
+        """An hour is long for one ssh connection: when the watchdog's breaks, it still
+        stops the one-off at the deadline, through a new one."""
+        app = app_name("sshdog")
+        self.process(app, "web")
+        proc = self.ssh_client("-a", app, "run", "--timeout", "6", "web", "sleep", "600")
+        RunTestCase.running_one_off(self, app)
+        started = time.monotonic()
+        proc.kill()
+        proc.wait(10)
+        for _ in deadline_loop(10, 0.1):  # the client's ssh goes; the watchdog's stays
+            survivors = SSH.ssh_processes()
+            if len(survivors) == 1:
+                break
+        self.assertEqual(len(survivors), 1, survivors)
+        os.kill(survivors[0], signal.SIGKILL)
+        self.assertTrue(self.processes_of(app, "process"))
+        self.assertNoneLeft(app, within=21 - (time.monotonic() - started))
+        self.assertNothingLeft(within=15)
+
     def test_start_builds_over_ssh(self):
         folder = tempfile.mkdtemp(prefix="convox-start-ssh-")
         self.addCleanup(shutil.rmtree, folder, True)
