@@ -1472,9 +1472,10 @@ class EngineRack:
         return process
 
     def target(self, app, target):
-        """exec's TARGET: a container by ID, ID prefix or name, else a running process of
-        the app's service TARGET.  The container is looked up first: an ID then costs no
-        list."""
+        """exec's TARGET (SPEC §5): a container by ID, ID prefix or name, else the app's
+        service TARGET's service process that has run longest (never a one-off), so that
+        repeated execs land in the same process.  The container is looked up first: an ID
+        then costs no list."""
         try:
             info = self.engine.inspect(target)
         except EngineError as exc:
@@ -1482,16 +1483,24 @@ class EngineRack:
                 raise
             info = None
         state = (info or {}).get("State") or {}
-        if info is not None and state.get("Running") and \
+        exact = info is not None and target in (info["Id"], (info.get("Name") or "")[1:])
+        if info is not None and state.get("Running") and (exact or target not in
+                                                          self.services(app)) and \
                 identity((info.get("Config") or {}).get("Labels"))[0] == app:
-            return Process(info)
-        running = self.summaries(app, target, running_only=True)
+            return Process(info)  # (a service named like an ID prefix, "db", wins)
+        running = [Process(self.engine.inspect(s["Id"])) for s in
+                   self.summaries(app, target, running_only=True)
+                   if identity(s.get("Labels"))[3] == "service"]
         if running:
-            return Process(self.engine.inspect(newest(running)["Id"]))
+            return min(running, key=lambda p: (parse_timestamp(p.started) or 0, p.id))
         if info is not None and state.get("Running"):
             return Process(info)  # a container of another app (or of none), named exactly
+        services = self.services(app)
+        if target in services:
+            raise ConvoxError("service %s of app %s has no running service process (a "
+                              "one-off is never chosen) — see convox ps --all, or give "
+                              "a process ID" % (target, app))
         if info is None:
-            services = self.services(app)
             raise ConvoxError("no such process or service: %s (app %s)%s — see convox ps" %
                               (target, app, "; services: " + ", ".join(services)
                                if services else ""))
@@ -1535,19 +1544,19 @@ class EngineRack:
         """Create a one-off process (``one_off_config``'s body and extra networks) on
         ``engine_for(None)``, not started; -> its container ID."""
         container = self.engine.create_container(config, name)["Id"]
-        for network, aliases in networks:
-            self.engine.connect_network(network, container, aliases)
+        for network in networks:
+            self.engine.connect_network(network, container)
         return container
 
     def run(self, ctx, template, command, *, app, service, image=None, release=None,
-            entrypoint=True, node_labels=()):
+            entrypoint=True, node_labels=(), resources=None):
         """Run a one-off process of ``service`` from ``template`` (see ``run_one_off``)."""
         if node_labels:
             raise UsageError("--node-labels places a one-off on Swarm nodes, and %s is a "
                              "single engine — leave it out, or point --rack at a Swarm "
                              "manager" % self.engine.rack.url)
         return run_one_off(ctx, template, command, app=app, service=service, image=image,
-                           release=release, entrypoint=entrypoint)
+                           release=release, entrypoint=entrypoint, resources=resources)
 
     # -- logs (SPEC §9) --------------------------------------------------------------------
 
@@ -1832,7 +1841,7 @@ class SwarmRack(EngineRack):
                              "; releases: " + ", ".join(known) if known else ""))
 
     def run(self, ctx, template, command, *, app, service, image=None, release=None,
-            entrypoint=True, node_labels=()):
+            entrypoint=True, node_labels=(), resources=None):
         """A one-off as a Swarm service of its own, cloned from the service's.
 
         Detached, the task runs COMMAND and stays, with its output, until ``ps stop``.
@@ -1843,7 +1852,8 @@ class SwarmRack(EngineRack):
         """
         if "Spec" not in template:  # a service of the manifest: a local one-off
             return super().run(ctx, template, command, app=app, service=service,
-                               image=image, release=release, entrypoint=entrypoint)
+                               image=image, release=release, entrypoint=entrypoint,
+                               resources=resources)
         import contextlib
         args = ctx.args
         detach = bool(args.detach)
@@ -1852,7 +1862,8 @@ class SwarmRack(EngineRack):
             template["Spec"], command if detach else ["sleep", str(
                 timeout + HOLD_MARGIN if timeout else 2 ** 31 - 1)],
             name=_container_name(app, service), app=app, service=service, image=image,
-            release=release, env=(args.env or ()) if detach else (), memory=args.memory,
+            release=release, env=local_env(args.env, ctx.environ) if detach else (),
+            resources=resources,
             entrypoint=entrypoint and detach, node_labels=node_labels,
             job=_version_tuple(self.engine.api_version()) >= (1, 41))
         with contextlib.ExitStack() as cleanup:
@@ -1886,7 +1897,8 @@ class SwarmRack(EngineRack):
                 _quietly(signal_command, engine, task.id, name)
 
             status = exec_session(ctx, engine, task.id, list(prefix) + command,
-                                  env=args.env, tty=ctx.stdio.wants_tty(args.tty),
+                                  env=local_env(args.env, ctx.environ),
+                                  tty=ctx.stdio.wants_tty(args.tty),
                                   deadline=time.monotonic() + timeout if timeout else None,
                                   signal_pipe=pending, forward=forward)
             if status == "timeout":
@@ -2013,8 +2025,17 @@ def node_rack_url(template, node):
     return re.sub(r"\{(?:addr|hostname|id)\}", lambda m: fields[m.group()], template)
 
 
+#: run's resource flags on a Swarm task: (Resources key, field, unit) (SPEC §6, §10).
+SWARM_RESOURCES = {
+    "cpu": ("Reservations", "NanoCPUs", 1000000),
+    "cpu_limit": ("Limits", "NanoCPUs", 1000000),
+    "memory": ("Reservations", "MemoryBytes", 1024 * 1024),
+    "memory_limit": ("Limits", "MemoryBytes", 1024 * 1024),
+}
+
+
 def swarm_one_off_spec(spec, command, *, name, app, service, image=None, release=None,
-                       env=(), memory=None, entrypoint=True, node_labels=(), job=True):
+                       env=(), resources=None, entrypoint=True, node_labels=(), job=True):
     """The create body of a one-off Swarm service cloned from a service's spec (SPEC §10):
     its task template (image, env, mounts, networks without aliases, resources, placement)
     with COMMAND, the node labels as constraints, no restarts, no ports."""
@@ -2026,7 +2047,7 @@ def swarm_one_off_spec(spec, command, *, name, app, service, image=None, release
     container["Labels"] = dict(container.get("Labels") or {}, **labels)
     if image:
         container["Image"] = image
-    container["Env"] = list(container.get("Env") or []) + list(env)
+    container["Env"] = merge_env(container.get("Env") or [], env)
     if entrypoint:
         container["Args"] = command  # the ENTRYPOINT (Command, or the image's) stays
     else:
@@ -2034,9 +2055,10 @@ def swarm_one_off_spec(spec, command, *, name, app, service, image=None, release
     container["Init"] = True
     container["Healthcheck"] = {"Test": ["NONE"]}
     container.pop("StopSignal", None)
-    if memory:
-        task.setdefault("Resources", {}).setdefault("Limits", {})["MemoryBytes"] = \
-            memory * 1024 * 1024
+    for flag, value in (resources or {}).items():  # requests reserve, limits limit
+        if value is not None:
+            kind, field, scale = SWARM_RESOURCES[flag]
+            task.setdefault("Resources", {}).setdefault(kind, {})[field] = value * scale
     task["RestartPolicy"] = {"Condition": "none", "MaxAttempts": 0}
     task["Networks"] = [dict(n, Aliases=None) for n in task.get("Networks") or
                         spec.get("Networks") or []] or None
@@ -2776,8 +2798,17 @@ def _note_signal(signum, frame):
 # ==========================================================================================
 
 def identity(labels):
-    """(app, service, release, type) of a container from its Convox or Compose labels."""
+    """(app, service, release, type) of a container from its Convox or Compose labels.
+
+    A container inherits its image's labels, and `start` labels the images it builds with
+    the app and service, so those alone would make a container run by hand from such an
+    image look like a process (SPEC §3).  Only labels a container was created with count:
+    it is a process when it carries convox.type or com.docker.compose.oneoff, which convox
+    and Compose write on every container they create and never on an image.
+    """
     labels = labels or {}
+    if LABEL_TYPE not in labels and COMPOSE_ONEOFF not in labels:
+        return "", "", "", "service"
     app = labels.get(LABEL_APP) or labels.get(COMPOSE_PROJECT) or ""
     service = labels.get(LABEL_SERVICE) or labels.get(COMPOSE_SERVICE) or ""
     release = labels.get(LABEL_RELEASE) or ""
@@ -2901,7 +2932,7 @@ def service_identity(spec):
     Compose) labels, else `docker stack deploy`'s: the stack is the app, and the service
     is the service's name without the ``STACK_`` prefix."""
     labels = spec.get("Labels") or {}
-    app, service, release, kind = identity(labels)
+    app, service, release, kind = identity(labels, own=True)  # a spec inherits no label
     stack = labels.get(STACK_NAMESPACE) or ""
     name = spec.get("Name") or ""
     if not app:
@@ -2988,15 +3019,39 @@ def _mount_binds(template):
     return binds
 
 
+def merge_env(base, overrides):
+    """``base`` (K=V entries) with ``overrides`` applied in order: K=V replaces K, a bare K
+    removes it (as the engine treats a bare K over the image's environment)."""
+    merged = {}
+    for entry in list(base) + list(overrides):
+        key, equals, _ = entry.partition("=")
+        merged.pop(key, None)  # a replaced variable moves to the end, as docker run's -e
+        if equals:
+            merged[key] = entry
+    return list(merged.values())
+
+
+#: run's resource flags -> (HostConfig field, from the flag's value) (SPEC §6): --cpu is a
+#: relative weight in millicores (1024 shares = one CPU), --memory a reservation.
+RESOURCES = {
+    "cpu": ("CpuShares", lambda m: max(2, m * 1024 // 1000)),  # 2: the kernel's minimum
+    "cpu_limit": ("NanoCpus", lambda m: m * 1000000),
+    "memory": ("MemoryReservation", lambda mb: mb * 1024 * 1024),
+    "memory_limit": ("Memory", lambda mb: mb * 1024 * 1024),
+}
+
+
 def one_off_config(template, command, *, app, service, image=None, release=None, env=(),
-                   memory=None, entrypoint=True, tty=False, stdin=False, detach=False,
+                   resources=None, entrypoint=True, tty=False, stdin=False, detach=False,
                    console=None):
     """The create body of a one-off process of a service (SPEC §6), and the extra networks
-    to connect before start: ``(config, [(network, aliases), ...])``.  ``image`` and
-    ``release`` are those of ``--release``; by default the template's.
+    to connect before start: ``(config, [network, ...])``.  ``image`` and ``release`` are
+    those of ``--release``; by default the template's.  ``resources`` maps RESOURCES' keys
+    to the flags' values.
 
-    It copies the service's image, environment, working directory, user, mounts, networks
-    with aliases, DNS, extra hosts and memory limit; not its ports, name or restart policy.
+    It copies the service's image, environment, working directory, user, mounts, networks,
+    DNS, extra hosts and resources; not its ports, name, restart policy or network aliases
+    (a one-off must never answer to the service's DNS name, as `docker compose run`).
     """
     config = template.get("Config") or {}
     host = template.get("HostConfig") or {}
@@ -3004,7 +3059,7 @@ def one_off_config(template, command, *, app, service, image=None, release=None,
     body = {
         "Image": image or template.get("Image") or config.get("Image"),
         "Cmd": command,
-        "Env": list(config.get("Env") or []) + list(env),
+        "Env": merge_env(config.get("Env") or [], env),
         "WorkingDir": config.get("WorkingDir") or "",
         "User": config.get("User") or "",
         "Labels": {LABEL_APP: app, LABEL_SERVICE: service, LABEL_RELEASE: release,
@@ -3020,7 +3075,6 @@ def one_off_config(template, command, *, app, service, image=None, release=None,
         body["Entrypoint"] = [""]  # an empty entrypoint resets the image's (Docker API)
     elif image is None and config.get("Entrypoint"):
         body["Entrypoint"] = config["Entrypoint"]
-    memory_bytes = memory * 1024 * 1024 if memory else host.get("Memory") or 0
     host_config = {
         "Binds": _mount_binds(template) or None,
         "Tmpfs": host.get("Tmpfs") or None,
@@ -3032,13 +3086,17 @@ def one_off_config(template, command, *, app, service, image=None, release=None,
         "CapAdd": host.get("CapAdd") or None,
         "CapDrop": host.get("CapDrop") or None,
         "Privileged": bool(host.get("Privileged")),
-        "Memory": memory_bytes,
         # An init process as PID 1 passes signals on and reaps: a one-off's command then
         # dies of SIGINT/SIGTERM as it would in a shell (PID 1 ignores them otherwise).
         "Init": True,
         "AutoRemove": not detach,
     }
-    if memory_bytes and host.get("MemorySwap") and not memory:
+    # Each resource flag sets its own field; every other is the service's.
+    given = {RESOURCES[flag][0]: RESOURCES[flag][1](value)
+             for flag, value in (resources or {}).items() if value is not None}
+    for field in ("CpuShares", "NanoCpus", "MemoryReservation", "Memory"):
+        host_config[field] = given.get(field, host.get(field) or 0)
+    if host_config["Memory"] and host.get("MemorySwap") and "Memory" not in given:
         host_config["MemorySwap"] = host["MemorySwap"]
     if console:
         host_config["ConsoleSize"] = list(console)
@@ -3046,15 +3104,11 @@ def one_off_config(template, command, *, app, service, image=None, release=None,
     networks = []
     mode = host_config["NetworkMode"]
     if not mode.startswith("container:") and mode not in ("host", "none"):
-        short_id = template.get("Id", "")[:12]
-        for name, endpoint in sorted(((template.get("NetworkSettings") or {})
-                                      .get("Networks") or {}).items(),
-                                     key=lambda item: item[0] != mode):
-            aliases = [a for a in (endpoint or {}).get("Aliases") or [] if a != short_id]
-            networks.append((name, aliases))
+        networks = sorted((template.get("NetworkSettings") or {}).get("Networks") or {},
+                          key=lambda name: name != mode)
     if networks:
-        first, aliases = networks[0]
-        body["NetworkingConfig"] = {"EndpointsConfig": {first: {"Aliases": aliases or None}}}
+        first = networks[0]
+        body["NetworkingConfig"] = {"EndpointsConfig": {first: {}}}
         if mode in ("default", "bridge") and first != "bridge":
             host_config["NetworkMode"] = first
     return body, networks[1:]
@@ -6318,8 +6372,8 @@ def cmd_exec(ctx):
     app, _ = ctx.app()
     process = ctx.rack.target(app, args.target)
     status = exec_session(ctx, ctx.rack.engine_for(process), process.id, command,
-                          tty=ctx.stdio.wants_tty(args.tty), env=args.env,
-                          workdir=args.workdir, user=args.user, keys_text=keys_text)
+                          tty=ctx.stdio.wants_tty(args.tty),
+                          env=local_env(args.env, ctx.environ), workdir=args.workdir, user=args.user, keys_text=keys_text)
     return 0 if status == "detached" else status
 
 
@@ -6349,6 +6403,13 @@ def exec_session(ctx, engine, container, command, *, tty, env=None, workdir=None
     if isinstance(outcome, tuple):
         return 128 + outcome[1]
     return exit_status(exec_exit_code(engine, exec_id), stream.first_output)
+
+
+def local_env(words, environ):
+    """--env words as the engine takes them: a bare K takes the local value of K, and
+    stays bare (the engine then unsets K) when K is not set here -- docker's rule."""
+    return [word if "=" in word or word not in environ else "%s=%s" % (word, environ[word])
+            for word in words or ()]
 
 
 def exec_exit_code(engine, exec_id, patience=5.0):
@@ -6385,26 +6446,26 @@ def cmd_run(ctx):
     if args.detach and args.timeout is not None:  # SPEC §6: never silently ignored
         raise UsageError("--timeout does not apply to --detach: a detached one-off runs until "
                          "it ends or convox ps stop — leave one of them out")
-    entrypoint = not args.no_entrypoint
-    if args.entrypoint is not None:
-        if args.entrypoint.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise UsageError("--entrypoint takes true or false — use --no-entrypoint to "
-                             "bypass the image's ENTRYPOINT")
-        entrypoint = entrypoint and args.entrypoint.lower() in ("true", "1", "yes")
     node_labels = parse_node_labels(args.node_labels)
     rack = ctx.rack
     app, inferred = ctx.app()
     service = args.target
     template = rack.template(app, service)
+    declared = ()
     if template is None:
-        template = manifest_template(rack.engine_for(None), app, service, ctx.environ)
+        template, declared = manifest_template(rack.engine_for(None), app, service,
+                                               ctx.environ)
     if template is None:
-        rack.require_app(app, inferred)
+        services = sorted(set(rack.services(app)) | set(declared))
+        if not services:
+            rack.require_app(app, inferred)
         raise ConvoxError("no such service: %s (app %s); services: %s" %
-                          (service, app, ", ".join(rack.services(app)) or "none"))
+                          (service, app, ", ".join(services) or "none"))
     image = rack.release_image(app, service, args.release) if args.release else None
+    resources = {flag: getattr(args, flag) for flag in RESOURCES}
     return rack.run(ctx, template, command, app=app, service=service, image=image,
-                    release=args.release, entrypoint=entrypoint, node_labels=node_labels)
+                    release=args.release, entrypoint=args.entrypoint, node_labels=node_labels,
+                    resources=resources)
 
 
 def parse_node_labels(text):
@@ -6420,7 +6481,7 @@ def parse_node_labels(text):
 
 
 def run_one_off(ctx, template, command, *, app, service, image=None, release=None,
-                entrypoint=True):
+                entrypoint=True, resources=None):
     """Create, attach, start and follow a one-off process; return its exit status.
 
     Attached, the container is removed when it ends whatever happens (AutoRemove, and a
@@ -6439,7 +6500,8 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
     attach_stdin = not detach and stdio.stdin_fd is not None
     config, extra_networks = one_off_config(
         template, command, app=app, service=service, image=image, release=release,
-        env=args.env or (), memory=args.memory, entrypoint=entrypoint, tty=tty,
+        env=local_env(args.env, ctx.environ), resources=resources, entrypoint=entrypoint,
+        tty=tty,
         stdin=attach_stdin, detach=detach, console=console)
     name = _container_name(app, service)
     timeout = DEFAULT_RUN_TIMEOUT if args.timeout is None else args.timeout
@@ -7407,14 +7469,15 @@ class LocalApp:
 
 def manifest_template(engine, app, service, environ, cwd=None):
     """run's last resort (SPEC §6): the service as the current folder's manifest declares
-    it, with its last build (or its image), on the app's network when there is one."""
+    it, with its last build (or its image), on the app's network when there is one.
+    -> (template or None, the services the manifest declares)."""
     try:
         path = find_manifest(None, cwd)
     except ConvoxError:
-        return None
+        return None, ()
     manifest = load_manifest(path, dict(environ))
     if service not in manifest.services:
-        return None
+        return None, tuple(manifest.services)
     local = LocalApp(engine, app, manifest, release="")
     definition = manifest.services[service]
     if definition.build is not None:
@@ -7424,7 +7487,7 @@ def manifest_template(engine, app, service, environ, cwd=None):
     network = local.network_info()
     if network is not None and local.made_by_start(network.get("Labels")):
         local.network = app  # a network of that name that start did not make is not joined
-    return local.template(service)
+    return local.template(service), tuple(manifest.services)
 
 
 def follow(local, streams, printer, signal_fd, syncer=None):
@@ -7604,7 +7667,9 @@ def _common_options(parser, suppress):
 class _HelpFormatter(argparse.HelpFormatter):
     """argparse's help layout, as wide as the terminal as shutil.get_terminal_size finds it:
     argparse itself imports shutil (and bz2, lzma, fnmatch with it) for every option added,
-    a few ms of every start for the rare --help."""
+    a few ms of every start for the rare --help.  An option whose value is optional shows
+    as Convox shows it, ``-e, --entrypoint[=BOOL]``: its value is only ever attached with
+    '=' (argparse would show ``-e [BOOL]``)."""
 
     def __init__(self, prog, **kwargs):
         try:
@@ -7618,6 +7683,11 @@ class _HelpFormatter(argparse.HelpFormatter):
                 columns = 0
         kwargs.setdefault("width", (columns or 80) - 2)
         super().__init__(prog, **kwargs)
+
+    def _format_action_invocation(self, action):  # argparse's hook (stable since 2.7)
+        if action.nargs != "?" or not action.option_strings:
+            return super()._format_action_invocation(action)
+        return "%s[=%s]" % (", ".join(action.option_strings), action.metavar)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -7639,13 +7709,20 @@ def build_parser():
     _common_options(parser, suppress=False)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
 
-    ps = verbs.add_parser("ps", help="list the app's processes (ps info ID, ps stop ID)")
+    ps = verbs.add_parser(
+        "ps", help="list the app's processes (ps info ID, ps stop ID)",
+        usage="convox ps [options] [info ID | stop ID]",
+        description="List the app's running processes; ps info ID shows one, ps stop ID "
+        "stops one (and removes it if it is a one-off).")
     _common_options(ps, suppress=True)
-    ps.add_argument("-s", "--service", help="only this service (one-offs included)")
-    ps.add_argument("--release", help="only this release")
+    ps.add_argument("-s", "--service", metavar="SERVICE",
+                    help="only this service (one-offs included)")
+    ps.add_argument("--release", metavar="R", help="only this release")
     ps.add_argument("--all", action="store_true", help="stopped processes too")
-    ps.add_argument("--format", choices=("table", "json"), default="table")
-    ps.add_argument("words", nargs="*", metavar="info|stop ID", help=argparse.SUPPRESS)
+    ps.add_argument("--format", choices=("table", "json"), default="table",
+                    help="table (default) or json")
+    ps.add_argument("words", nargs="*", metavar="info ID | stop ID",
+                    help="info ID: show one process; stop ID: stop one")
     ps.set_defaults(handler=cmd_ps)
 
     exec_ = verbs.add_parser(
@@ -7654,7 +7731,7 @@ def build_parser():
         description="Run COMMAND in a running process: TARGET is a container ID, ID prefix "
         "or name, or a service of the app.")
     _common_options(exec_, suppress=True)
-    _session_options(exec_)
+    _session_options(exec_, "-e", "--env")
     exec_.add_argument("-w", "--workdir", help="working directory inside the container")
     exec_.add_argument("-u", "--user", help="user (name or UID[:GID]) to run as")
     exec_.add_argument("--detach-keys", metavar="KEYS",
@@ -7667,18 +7744,28 @@ def build_parser():
         description="Run COMMAND in a new process of SERVICE, with the service's image, "
         "environment, volumes and networks.")
     _common_options(run, suppress=True)
-    _session_options(run)
+    _session_options(run, "--env")  # -e is Convox's --entrypoint here
     run.add_argument("-d", "--detach", action="store_true",
                      help="run in the background; output goes to the process's logs")
     run.add_argument("-t", "--timeout", type=int, metavar="SECONDS",
-                     help="stop the process after this long (default 3600, 0 = never)")
-    run.add_argument("--release", help="use this release's image")
-    run.add_argument("--no-entrypoint", action="store_true",
-                     help="bypass the image's ENTRYPOINT")
-    run.add_argument("--entrypoint", metavar="true|false", help=argparse.SUPPRESS)
-    run.add_argument("--memory", type=int, metavar="MB", help="memory limit in MiB")
+                     help="stop the process after this long (default 3600, 0 = never; "
+                     "not with --detach)")
+    run.add_argument("--release", metavar="R", help="use release R's image")
+    # Convox's boolean: its value only ever attached (-e=false), so -e never eats a word.
+    run.add_argument("-e", "--entrypoint", nargs="?", const=True, default=True,
+                     type=_bool_word, metavar="BOOL",
+                     help="keep the image's ENTRYPOINT (default); -e=false bypasses it")
+    run.add_argument("--no-entrypoint", dest="entrypoint", action="store_false",
+                     help="bypass the image's ENTRYPOINT (as --entrypoint=false)")
+    for flag, metavar, text in (
+            ("--cpu", "M", "CPU request in millicores (a relative weight)"),
+            ("--cpu-limit", "M", "CPU limit in millicores"),
+            ("--memory", "MB", "memory request in MB (reserved, not a limit)"),
+            ("--memory-limit", "MB", "memory limit in MB")):
+        run.add_argument(flag, type=_positive_int, metavar=metavar,
+                         help=text + " (default: the service's)")
     run.add_argument("--node-labels", metavar="K=V,...",
-                     help="on a Swarm rack: run on nodes with these labels")
+                     help="run on Swarm nodes with these labels (Swarm racks only)")
     run.set_defaults(handler=cmd_run)
 
     logs = verbs.add_parser(
@@ -7713,7 +7800,7 @@ def build_parser():
         "them; with SERVICE..., only those and what they depend on; with SERVICE COMMAND, "
         "run COMMAND in a new process of SERVICE.")
     _common_options(start, suppress=True)
-    _session_options(start)
+    _session_options(start, "-e", "--env")
     start.add_argument("-m", "--manifest", metavar="FILE",
                        help="manifest (default: convox.yml, else docker-compose.yml)")
     start.add_argument("--no-build", action="store_true", help="use the last build")
@@ -7723,19 +7810,47 @@ def build_parser():
     start.add_argument("--profile", action="append", metavar="P",
                        help="also start compose services of this profile (repeatable; "
                        "default: COMPOSE_PROFILES)")
-    start.set_defaults(handler=cmd_start, detach=False, timeout=None, memory=None)
+    start.set_defaults(handler=cmd_start, detach=False, timeout=None)
     return parser
 
 
-def _session_options(parser):
+def _session_options(parser, *env_flags):
     """Options shared by the verbs that attach to a process."""
-    parser.add_argument("-e", "--env", action="append", metavar="K=V",
-                        help="set an environment variable (repeatable)")
+    parser.add_argument(*env_flags, dest="env", action="append", type=_env_word,
+                        metavar="K[=V]", help="set K to V in the process's environment; "
+                        "K alone passes the local value of K (repeatable)")
     tty = parser.add_mutually_exclusive_group()
     tty.add_argument("--tty", dest="tty", action="store_true", default=None,
                      help="force a TTY")
     tty.add_argument("--no-tty", dest="tty", action="store_false",
                      help="never use a TTY")
+
+
+def _bool_word(text):
+    """A boolean flag's value, as Go's strconv.ParseBool reads it (Convox's flags)."""
+    if text in ("1", "t", "T", "true", "TRUE", "True"):
+        return True
+    if text in ("0", "f", "F", "false", "FALSE", "False"):
+        return False
+    raise argparse.ArgumentTypeError("takes true or false, attached with '=', not %r" % text)
+
+
+def _positive_int(text):
+    """A count above 0: 0 or less cannot be a resource anyone means."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError("takes a whole number above 0, not %r" % text)
+    return value
+
+
+def _env_word(text):
+    """--env K=V or K (SPEC §5); an empty name is refused, as docker refuses it."""
+    if not text.partition("=")[0]:
+        raise argparse.ArgumentTypeError("takes K=V or K, not %r" % text)
+    return text
 
 
 #: Verbs whose first positional word names a target and the words after it are a command.
@@ -7752,7 +7867,7 @@ def split_command_line(parser, words):
     takes_value = {}
     for action in parser._actions:  # argparse's own table of options (stable since 2.7)
         for option in action.option_strings:
-            takes_value[option] = action.nargs != 0
+            takes_value[option] = action.nargs not in (0, "?")  # "?": only with "="
     options, target = [], None
     index = 0
     while index < len(words):

@@ -15,6 +15,7 @@ tests, which bring up a Swarm of three private dockerds in network namespaces of
 Everything a test creates carries the label convox.test=RUN_ID and is removed at the end.
 """
 
+import argparse
 import atexit
 import contextlib
 import hashlib
@@ -590,14 +591,15 @@ class EngineTestCase(unittest.TestCase):
                   compose=False, kind=None, env=None, workdir=None, image=None,
                   entrypoint=None, network=None, aliases=None, start=True, name=None,
                   labels=None):
-        """Create (and start) a labelled fixture container; it is removed at the end."""
+        """Create (and start) a labelled fixture container, as start (or Compose) would
+        make it, a one-off with kind="process"; it is removed at the end."""
         all_labels = {TEST_LABEL: RUN_ID}
         if compose:
-            all_labels.update({convox.COMPOSE_PROJECT: app, convox.COMPOSE_SERVICE: service})
+            all_labels.update({convox.COMPOSE_PROJECT: app, convox.COMPOSE_SERVICE: service,
+                               convox.COMPOSE_ONEOFF: str(kind == "process")})
         else:
-            all_labels.update({convox.LABEL_APP: app, convox.LABEL_SERVICE: service})
-            if kind:
-                all_labels[convox.LABEL_TYPE] = kind
+            all_labels.update({convox.LABEL_APP: app, convox.LABEL_SERVICE: service,
+                               convox.LABEL_TYPE: kind or "service"})
             if release:
                 all_labels[convox.LABEL_RELEASE] = release
         all_labels.update(labels or {})
@@ -968,7 +970,9 @@ class SwarmPartsTest(unittest.TestCase):
         }
         body = convox.swarm_one_off_spec(spec, ["bin/job", "x"], name="shop-web-run-1",
                                          app="shop", service="web", env=["B=2"],
-                                         memory=128, node_labels=[("disk", "ssd")])
+                                         resources={"memory_limit": 128, "memory": 64,
+                                                    "cpu": 250, "cpu_limit": None},
+                                         node_labels=[("disk", "ssd")])
         task = body["TaskTemplate"]
         container = task["ContainerSpec"]
         self.assertEqual(body["Name"], "shop-web-run-1")
@@ -978,6 +982,8 @@ class SwarmPartsTest(unittest.TestCase):
         self.assertEqual(container["Env"], ["A=1", "B=2"])
         self.assertEqual(container["Healthcheck"], {"Test": ["NONE"]})
         self.assertEqual(task["Resources"]["Limits"]["MemoryBytes"], 128 << 20)
+        self.assertEqual(task["Resources"]["Reservations"], {"MemoryBytes": 64 << 20,
+                                                             "NanoCPUs": 250000000})
         self.assertEqual(task["Placement"]["Constraints"],
                          ["node.role==worker", "node.labels.disk==ssd"])
         self.assertEqual(task["Networks"], [{"Target": "net1", "Aliases": None}])
@@ -1016,6 +1022,21 @@ class IdentityTest(unittest.TestCase):
                                           "com.docker.compose.oneoff": "True"}),
                          ("blog", "db", "", "process"))
         self.assertEqual(convox.identity(None), ("", "", "", "service"))
+
+    def test_image_labels_alone_are_no_identity(self):
+        # What a container run by hand from an image `start` built carries (SPEC §3).
+        inherited = {"convox.app": "shop", "convox.service": "web", "convox.release": "R1"}
+        self.assertEqual(convox.identity(inherited), ("", "", "", "service"))
+        self.assertEqual(convox.identity({"com.docker.compose.project": "blog",
+                                          "com.docker.compose.service": "db"}),
+                         ("", "", "", "service"))
+        self.assertEqual(convox.identity(dict(inherited, **{"convox.type": "service"})),
+                         ("shop", "web", "R1", "service"))
+
+    def test_merge_env(self):
+        base = ["A=1", "B=2", "C=3"]
+        self.assertEqual(convox.merge_env(base, ["B=x", "D=4", "C"]), ["A=1", "B=x", "D=4"])
+        self.assertEqual(convox.merge_env(base, []), base)
 
     def test_app_resolution(self):
         with tempfile.TemporaryDirectory() as root:
@@ -1096,6 +1117,46 @@ class ArgvTest(unittest.TestCase):
     def test_unknown_option_is_usage_error(self):
         with self.assertRaises(convox.UsageError):
             self.parse(["exec", "--bogus", "web", "ls"])
+
+    def test_run_flags_are_convox(self):
+        # -e is --entrypoint (a boolean whose value is only attached), never --env.
+        for words, want in ((["-e=false"], False), (["--entrypoint=false"], False),
+                            (["-e=0"], False), (["-e"], True), (["--entrypoint"], True),
+                            (["-e=true"], True), (["--no-entrypoint"], False), ([], True)):
+            with self.subTest(words=words):
+                args = self.parse(["run"] + words + ["web", "ls", "-e"])
+                self.assertEqual((args.entrypoint, args.env, args.target, args.command),
+                                 (want, None, "web", ["ls", "-e"]))
+        args = self.parse(["run", "web", "--env", "A=1", "--env", "B", "--cpu", "250",
+                           "--cpu-limit", "500", "--memory", "64", "--memory-limit", "128",
+                           "--node-labels", "zone=a,disk=ssd", "x"])
+        self.assertEqual((args.env, args.cpu, args.cpu_limit, args.memory, args.memory_limit,
+                          args.node_labels),
+                         (["A=1", "B"], 250, 500, 64, 128, "zone=a,disk=ssd"))
+        self.assertEqual(self.parse(["exec", "-e", "K", "web", "env"]).env, ["K"])
+
+    def test_run_refuses_what_cannot_be_meant(self):
+        for words in (["-e=yes"], ["--entrypoint=maybe"], ["--env", "=x"], ["--env="],
+                      ["--memory", "0"], ["--memory-limit", "-1"], ["--cpu", "0"],
+                      ["--cpu-limit", "half"]):
+            with self.subTest(words=words):
+                with self.assertRaises(convox.UsageError) as caught:
+                    self.parse(["run"] + words + ["web", "ls"])
+                self.assertEqual(caught.exception.status, 2)
+
+    def test_help_describes_every_option(self):
+        parser = convox.build_parser()
+        verbs = parser._subparsers._group_actions[0].choices
+        for name, verb in verbs.items():
+            for action in verb._actions:
+                with self.subTest(verb=name, option=action.option_strings or action.dest):
+                    self.assertTrue(action.help and action.help != argparse.SUPPRESS)
+        ps_help = verbs["ps"].format_help()
+        self.assertIn("info ID", ps_help)
+        self.assertIn("stop ID", ps_help)
+        run_help = verbs["run"].format_help()
+        self.assertIn("-e, --entrypoint[=BOOL]", run_help)
+        self.assertNotIn("-e K", run_help)
 
 
 class DemuxTest(unittest.TestCase):
@@ -5601,7 +5662,8 @@ class RunTest(RunTestCase):
         self.assertIn("A=1", env)
         result = self.convox("-a", app, "run", "--env", "A=2", "web", "pwd")
         self.assertEqual((result.returncode, result.stdout), (0, b"/srv/app\n"), result.stderr)
-        info = self.detached("-a", app, "run", "--detach", "-e", "A=2", "web", "sleep", "30")
+        info = self.detached("-a", app, "run", "--detach", "--env", "A=2", "web", "sleep",
+                             "30")
         self.assertEqual(info["Image"], self.engine.inspect(web)["Image"])
         self.assertEqual(info["Config"]["WorkingDir"], "/srv/app")
         self.assertIn("A=2", info["Config"]["Env"])
@@ -5769,7 +5831,7 @@ class RunTest(RunTestCase):
         info = self.detached("-a", app, "run", "web", "--detach", "sleep", "5")
         self.assertEqual(info["Config"]["Cmd"], ["sleep", "5"])
         self.assertTrue(info["State"]["Running"])
-        result = self.convox("-a", app, "run", "web", "-e", "X=1", "--timeout", "30", "sh",
+        result = self.convox("-a", app, "run", "web", "--env", "X=1", "--timeout", "30", "sh",
                              "-c", "echo $X")
         self.assertEqual((result.returncode, result.stdout), (0, b"1\n"), result.stderr)
         result = self.convox("-a", app, "run", "web", "--", "echo", "--detach")
@@ -5803,18 +5865,6 @@ class RunTest(RunTestCase):
         self.assertEqual(convox.identity(info["Config"]["Labels"])[:2], (app, "web"))
         self.assertEqual(info["Config"]["Labels"][convox.LABEL_TYPE], "process")
 
-    def test_memory_limit(self):
-        app = app_name("runmem")
-        self.container(app, "web", memory=128)
-        info = self.detached("-a", app, "run", "--detach", "web", "sleep", "30")
-        self.assertEqual(info["HostConfig"]["Memory"], 128 * 1024 * 1024)
-        info = self.detached("-a", app, "run", "--memory", "64", "--detach", "web", "sleep",
-                             "30")
-        self.assertEqual(info["HostConfig"]["Memory"], 64 * 1024 * 1024)
-        rows = self.convox("-a", app, "ps", "-s", "web").stdout.decode().splitlines()
-        self.assertIn(["64"], [[c for c in re.split(r"\s{2,}", r) if c == "64"]
-                               for r in rows[1:]])
-
     def test_two_networks(self):
         app = app_name("runnets")
         hosts = app_name("runhosts")
@@ -5832,8 +5882,8 @@ class RunTest(RunTestCase):
         info = self.detached("-a", app, "run", "--detach", "web", "sleep", "30")
         networks = info["NetworkSettings"]["Networks"]
         self.assertEqual(sorted(networks), sorted([one, two]))
-        self.assertIn("web-one", networks[one]["Aliases"])
-        self.assertIn("web-two", networks[two]["Aliases"])
+        for network in (one, two):  # the service's aliases are not the one-off's
+            self.assertFalse({"web-one", "web-two"} & set(networks[network]["Aliases"] or []))
 
 
 class RunReleaseTest(RunTestCase):
@@ -5899,6 +5949,167 @@ class RunReleaseTest(RunTestCase):
         result = self.convox("-a", app, "run", "web", "--no-entrypoint", "echo", "hi")
         self.assertEqual((result.returncode, result.stdout), (0, b"hi\n"), result.stderr)
         self.assertNoneLeft(app)
+
+
+
+def _quietly_remove_image(engine, tag):
+    with contextlib.suppress(convox.ConvoxError):
+        engine.request("DELETE", "/images/%s" % tag, {"force": "1"})
+
+
+class ProcessModelChecks:
+    """What a process is (SPEC §3, §5, §6): one-offs off the service's DNS name, exec's
+    choice, identity only from labels a container was created with, Convox's run flags.
+    Mixed into a Docker and a Podman test case: both engines pass the same checks."""
+
+    def built(self, name, dockerfile, files=None, labels=None):
+        """An image built for this check on the test's engine; removed at the end."""
+        harness = getattr(self, "podman", HARNESS)
+        tag = harness.build("%s:%s" % (app_name("pm"), name), dockerfile, files, labels)
+        self.addCleanup(_quietly_remove_image, self.engine, tag)
+        return tag
+
+    def test_one_off_does_not_answer_to_the_service_name(self):
+        """A one-off joins the service's networks, never its aliases (SPEC §6): the service
+        name resolves, from another container on the app network, to the service only."""
+        app = app_name("runalias")
+        network = self.network("alias")
+        web = self.container(app, "web", network=network, aliases=["web"])
+        worker = self.container(app, "worker", network=network, aliases=["worker"])
+        for _ in range(2):
+            info = self.detached("-a", app, "run", "--detach", "web", "sleep", "60")
+            self.assertIn(network, info["NetworkSettings"]["Networks"])
+        address = self.engine.inspect(web)["NetworkSettings"]["Networks"][network]["IPAddress"]
+        result = self.convox("-a", app, "exec", worker, "nslookup", "web")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        answers = re.findall(r"Address(?: \d+)?: *([0-9.]+)\s*$",
+                             result.stdout.decode().split("Name:", 1)[-1], re.M)
+        self.assertEqual(answers, [address], result.stdout)
+
+    def test_exec_service_name_enters_the_longest_running_service_process(self):
+        """exec SERVICE never lands in a one-off, and lands in the same process each time:
+        the service's that has run longest (SPEC §5)."""
+        app = app_name("xchoice")
+        oldest = self.container(app, "web")
+        self.container(app, "web")
+        result = self.convox("-a", app, "run", "--detach", "web", "sleep", "120")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        one_off = result.stdout.decode().split()[-1]
+        self.addCleanup(self.engine.remove, one_off)
+        hostnames = [self.convox("-a", app, "exec", "web", "hostname", input=b"").stdout
+                     for _ in range(5)]
+        self.assertEqual(hostnames, [oldest[:12].encode() + b"\n"] * 5)
+        lonely = app_name("xonlyoneoff")
+        self.container(lonely, "web", kind="process")
+        result = self.convox("-a", lonely, "exec", "web", "true", input=b"")
+        self.assertEqual(result.returncode, 125)
+        self.assertOneErrorLine(result)
+        self.assertIn(b"no running service process", result.stderr)
+
+    def test_hand_run_container_of_a_built_image_is_no_process(self):
+        """The images start builds carry the app's labels, and containers inherit them: a
+        container run by hand from one is still not a process (SPEC §3)."""
+        app = app_name("impostor")
+        image = self.built("labelled", "FROM %s\n" % self.image, labels={
+            convox.LABEL_APP: app, convox.LABEL_SERVICE: "web", convox.LABEL_RELEASE: "R2"})
+        web = self.container(app, "web", release="R2", image=image)
+        impostor = self.engine.create_container({
+            "Image": image, "Cmd": ["sleep", "60"],
+            "Labels": {TEST_LABEL: RUN_ID}, "HostConfig": {"Init": True}})["Id"]
+        self.addCleanup(self.engine.remove, impostor)
+        self.engine.start(impostor)
+        self.assertEqual(self.engine.inspect(impostor)["Config"]["Labels"][convox.LABEL_APP],
+                         app)  # inherited from the image
+        listed = json.loads(self.convox("-a", app, "ps", "--all", "--format",
+                                        "json").stdout.decode())
+        self.assertEqual([p["id"] for p in listed], [web])
+        for _ in range(3):
+            result = self.convox("-a", app, "exec", "web", "hostname", input=b"")
+            self.assertEqual((result.returncode, result.stdout.decode().strip()),
+                             (0, web[:12]), result.stderr)
+        result = self.convox("-a", app, "ps", "info", impostor[:12])
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"belongs to no app", result.stderr)
+
+    def test_resources(self):
+        """--cpu, --cpu-limit, --memory (a request) and --memory-limit each set their own
+        field; every other is the service's (SPEC §6)."""
+        app = app_name("runres")
+        self.container(app, "web", memory=128)
+        mib = 1024 * 1024
+        fields = ("CpuShares", "NanoCpus", "MemoryReservation", "Memory")
+        cases = [([], (0, 0, 0, 128 * mib)),
+                 (["--memory", "64"], (0, 0, 64 * mib, 128 * mib)),
+                 (["--memory-limit", "96"], (0, 0, 0, 96 * mib)),
+                 (["--cpu", "500", "--cpu-limit", "250", "--memory", "32",
+                   "--memory-limit", "256"], (512, 250000000, 32 * mib, 256 * mib))]
+        for options, want in cases:
+            with self.subTest(options=options):
+                info = self.detached("-a", app, "run", "--detach", *options, "web", "sleep",
+                                     "30")
+                host = info["HostConfig"]
+                self.assertEqual(tuple(host.get(field) or 0 for field in fields), want)
+        rows = self.convox("-a", app, "ps", "-s", "web").stdout.decode().splitlines()
+        self.assertIn(["96"], [[c for c in re.split(r"\s{2,}", r) if c == "96"]
+                               for r in rows[1:]])
+
+    def test_flags_that_cannot_be_meant_are_usage_errors(self):
+        app = app_name("runbad")
+        self.container(app, "web")
+        for options in (["-e=yes"], ["--memory", "0"], ["--env", "=x"],
+                        ["--node-labels", "zone=a"], ["--detach", "--timeout", "5"]):
+            with self.subTest(options=options):
+                result = self.convox("-a", app, "run", *options, "web", "true")
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertOneErrorLine(result)
+                self.assertEqual(result.stdout, b"")
+        result = self.convox("-a", app, "run", "--node-labels", "zone=a", "web", "true")
+        self.assertIn(b"Swarm", result.stderr)
+        self.assertNoneLeft(app)
+
+    def test_env_without_value_takes_the_local_one(self):
+        app = app_name("runenvk")
+        self.container(app, "web", env=["KEEP=service", "DROP=service"])
+        script = 'echo "$FROM_HERE|$KEEP|${DROP-unset}"'
+        result = self.convox("-a", app, "run", "--env", "FROM_HERE", "--env", "DROP", "web",
+                             "sh", "-c", script, env={"FROM_HERE": "local value"})
+        self.assertEqual((result.returncode, result.stdout), (0, b"local value|service|unset\n"),
+                         result.stderr)
+
+    def test_unknown_service_of_the_manifest(self):
+        app = app_name("runmanifest")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with open(os.path.join(folder, "convox.yml"), "w") as handle:
+            handle.write("services:\n  web:\n    image: %s\n  worker:\n    image: %s\n"
+                         % (self.image, self.image))
+        result = self.convox("-a", app, "run", "nosuch", "true", cwd=folder)
+        self.assertEqual(result.returncode, 125)
+        self.assertEqual(result.stderr.decode(), "ERROR: no such service: nosuch (app %s); "
+                                                 "services: web, worker\n" % app)
+        self.assertNoneLeft(app)
+
+    def test_entrypoint_flag(self):
+        """-e is --entrypoint, Convox's boolean: -e=false bypasses the image's ENTRYPOINT."""
+        app = app_name("pmep")
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        script = executable_file(folder, "ep.sh", '#!/bin/sh\necho ep\nexec "$@"\n')
+        image = self.built("ep", 'FROM %s\nCOPY ep.sh /ep.sh\nENTRYPOINT ["/ep.sh"]\n'
+                           % self.image, {"ep.sh": script})
+        self.container(app, "web", image=image)
+        for options, want in ((("-e=false",), b"hi\n"), (("-e",), b"ep\nhi\n"),
+                              (("--entrypoint=false",), b"hi\n"), ((), b"ep\nhi\n")):
+            with self.subTest(options=options):
+                result = self.convox("-a", app, "run", *(options + ("web", "echo", "hi")))
+                self.assertEqual((result.returncode, result.stdout), (0, want), result.stderr)
+        info = self.detached("-a", app, "run", "-e=false", "--detach", "web", "sleep", "30")
+        self.assertIn(info["Config"]["Entrypoint"], (None, [], [""]))
+        self.assertEqual(convox.Process(info).command, ["sleep", "30"])  # Podman: init hidden
+
+
+class ProcessModelTest(ProcessModelChecks, RunTestCase):
+    """The process model on Docker."""
 
 
 class RunTimeoutTest(RunTestCase):
@@ -7580,9 +7791,8 @@ class FakeEngine:
     def add_container(self, app, service, labels=None, name=None, running=True,
                       command=("sleep", "3600"), memory=0, kind=None):
         ident = os.urandom(32).hex()
-        all_labels = {convox.LABEL_APP: app, convox.LABEL_SERVICE: service}
-        if kind:
-            all_labels[convox.LABEL_TYPE] = kind
+        all_labels = {convox.LABEL_APP: app, convox.LABEL_SERVICE: service,
+                      convox.LABEL_TYPE: kind or "service"}
         all_labels.update(labels or {})
         self.containers[ident] = self._container(ident, name or "fake-%s" % ident[:6], {
             "Image": "busybox", "Cmd": list(command), "Labels": all_labels, "Env": [],
@@ -8453,7 +8663,7 @@ class EngineDeathTest(ReliabilityChecks, TerminalTestCase):
         app = app_name("oom")
         self.container(app, "web", memory=16)
         script = "echo before; exec tail /dev/zero"  # tail keeps one endless line in memory
-        for argv in (["exec", "web"], ["run", "--memory", "16", "web"]):
+        for argv in (["exec", "web"], ["run", "--memory-limit", "16", "web"]):
             with self.subTest(argv=argv):
                 result = self.convox("-a", app, *argv, "sh", "-c", script)
                 self.assertEqual((result.returncode, result.stdout), (137, b"before\n"),
@@ -9217,6 +9427,14 @@ class PodmanTest(ReliabilityChecks, TerminalTestCase):
         tags = [tag.rpartition(":")[2] for image in self.engine.request("GET", "/images/json")
                 for tag in image.get("RepoTags") or [] if "%s/web:" % app in tag]
         self.assertEqual(sorted(tags), sorted(releases[1:]))
+
+
+class PodmanProcessModelTest(ProcessModelChecks, RunTestCase):
+    """The process model's checks on Podman, through --rack (as PodmanTest)."""
+
+    setUpClass = classmethod(PodmanTest.setUpClass.__func__)
+    tearDownClass = classmethod(PodmanTest.tearDownClass.__func__)
+    convox = PodmanTest.convox
 
 
 def _stopped(signum, frame):
