@@ -2797,17 +2797,22 @@ def _note_signal(signum, frame):
 # Apps and processes
 # ==========================================================================================
 
-def identity(labels):
+#: Labels that only a container's creator writes, never an image: convox's type, Compose's
+#: one-off flag, the task ID Swarm puts on its tasks' containers.
+CREATION_LABELS = (LABEL_TYPE, COMPOSE_ONEOFF, "com.docker.swarm.task.id")
+
+
+def identity(labels, own=False):
     """(app, service, release, type) of a container from its Convox or Compose labels.
 
     A container inherits its image's labels, and `start` labels the images it builds with
     the app and service, so those alone would make a container run by hand from such an
     image look like a process (SPEC §3).  Only labels a container was created with count:
-    it is a process when it carries convox.type or com.docker.compose.oneoff, which convox
-    and Compose write on every container they create and never on an image.
+    it is a process when it carries one of CREATION_LABELS.  ``own``: the labels cannot be
+    inherited (a Swarm service's own spec), so no such label is needed.
     """
     labels = labels or {}
-    if LABEL_TYPE not in labels and COMPOSE_ONEOFF not in labels:
+    if not own and not any(label in labels for label in CREATION_LABELS):
         return "", "", "", "service"
     app = labels.get(LABEL_APP) or labels.get(COMPOSE_PROJECT) or ""
     service = labels.get(LABEL_SERVICE) or labels.get(COMPOSE_SERVICE) or ""
@@ -6501,8 +6506,7 @@ def run_one_off(ctx, template, command, *, app, service, image=None, release=Non
     config, extra_networks = one_off_config(
         template, command, app=app, service=service, image=image, release=release,
         env=local_env(args.env, ctx.environ), resources=resources, entrypoint=entrypoint,
-        tty=tty,
-        stdin=attach_stdin, detach=detach, console=console)
+        tty=tty, stdin=attach_stdin, detach=detach, console=console)
     name = _container_name(app, service)
     timeout = DEFAULT_RUN_TIMEOUT if args.timeout is None else args.timeout
     if detach:

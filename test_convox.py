@@ -1032,6 +1032,9 @@ class IdentityTest(unittest.TestCase):
                          ("", "", "", "service"))
         self.assertEqual(convox.identity(dict(inherited, **{"convox.type": "service"})),
                          ("shop", "web", "R1", "service"))
+        self.assertEqual(convox.identity(inherited, own=True), ("shop", "web", "R1", "service"))
+        self.assertEqual(convox.identity(dict(inherited, **{
+            "com.docker.swarm.task.id": "t1"}))[:2], ("shop", "web"))
 
     def test_merge_env(self):
         base = ["A=1", "B=2", "C=3"]
@@ -6075,6 +6078,10 @@ class ProcessModelChecks:
                              "sh", "-c", script, env={"FROM_HERE": "local value"})
         self.assertEqual((result.returncode, result.stdout), (0, b"local value|service|unset\n"),
                          result.stderr)
+        result = self.convox("-a", app, "exec", "web", "-e", "FROM_HERE", "sh", "-c",
+                             'echo "$FROM_HERE"', env={"FROM_HERE": "local value"}, input=b"")
+        self.assertEqual((result.returncode, result.stdout), (0, b"local value\n"),
+                         result.stderr)
 
     def test_unknown_service_of_the_manifest(self):
         app = app_name("runmanifest")
@@ -8611,7 +8618,8 @@ class EngineDeathTest(ReliabilityChecks, TerminalTestCase):
         app = app_name("death")
         ident = builder.engine.create_container({
             "Image": builder.image, "Cmd": ["sleep", "3600"],
-            "Labels": {TEST_LABEL: RUN_ID, convox.LABEL_APP: app, convox.LABEL_SERVICE: "web"},
+            "Labels": {TEST_LABEL: RUN_ID, convox.LABEL_APP: app, convox.LABEL_SERVICE: "web",
+                       convox.LABEL_TYPE: "service"},
             "HostConfig": {"Init": True, "NetworkMode": "none"}})["Id"]
         builder.engine.start(ident)
         for verb in ("exec", "run"):
