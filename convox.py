@@ -7793,7 +7793,9 @@ def build_parser():
     follow.add_argument("--no-follow", dest="follow", action="store_false",
                         help="print what is there and exit")
     logs.add_argument("--filter", metavar="TEXT", help="only lines that contain TEXT")
-    logs.add_argument("--format", choices=tuple(LOG_FORMATS), default="convox")
+    logs.add_argument("--format", choices=tuple(LOG_FORMATS), default="convox",
+                      help="convox (default): TIME service/NAME/ID line; compose: NAME-ID | "
+                      "line; json: one object per line")
     logs.add_argument("--no-color", action="store_true", help="no colours (compose format)")
     logs.set_defaults(handler=cmd_logs)
 

@@ -5402,7 +5402,8 @@ class ExecTLSTest(ExecFixtures, EngineTestCase):
         app = app_name("tlsdockerd")
         ident = builder.engine.create_container({
             "Image": builder.image, "Cmd": ["sleep", "3600"],
-            "Labels": {TEST_LABEL: RUN_ID, convox.LABEL_APP: app, convox.LABEL_SERVICE: "web"},
+            "Labels": {TEST_LABEL: RUN_ID, convox.LABEL_APP: app, convox.LABEL_SERVICE: "web",
+                       convox.LABEL_TYPE: "service"},
             "HostConfig": {"Init": True, "NetworkMode": "none"}})["Id"]
         builder.engine.start(ident)
         env = client_env("tcp://127.0.0.1:2376", DOCKER_TLS_VERIFY="1",
@@ -7297,9 +7298,8 @@ class LogsTest(RunTestCase):
 
     def logged(self, app, service, script, tty=False, kind=None, driver=None):
         """A process of ``app`` that runs ``script`` in sh; -> its ID."""
-        labels = {TEST_LABEL: RUN_ID, convox.LABEL_APP: app, convox.LABEL_SERVICE: service}
-        if kind:
-            labels[convox.LABEL_TYPE] = kind
+        labels = {TEST_LABEL: RUN_ID, convox.LABEL_APP: app, convox.LABEL_SERVICE: service,
+                  convox.LABEL_TYPE: kind or "service"}  # as start or run makes it
         ident = self.engine.create_container({
             "Image": self.image, "Cmd": ["sh", "-c", script], "Tty": tty, "Labels": labels,
             "HostConfig": {"Init": True, "NetworkMode": "none",
@@ -8648,7 +8648,7 @@ class EngineDeathTest(ReliabilityChecks, TerminalTestCase):
             worker = builder.engine.create_container({
                 "Image": builder.image, "Cmd": ["sh", "-c", "echo started; sleep 3600"],
                 "Labels": {TEST_LABEL: RUN_ID, convox.LABEL_APP: app,
-                           convox.LABEL_SERVICE: "worker"},
+                           convox.LABEL_SERVICE: "worker", convox.LABEL_TYPE: "service"},
                 "HostConfig": {"Init": True, "NetworkMode": "none"}})["Id"]
             private.engine.start(worker)
             proc = subprocess.Popen([sys.executable, CONVOX, "-a", app, "logs"],
