@@ -9075,9 +9075,6 @@ class FuzzTest(ReliabilityChecks, EngineTestCase):
             handle.write("FROM busybox\n")
         with open(os.path.join(self.folder, ".env"), "w") as handle:
             handle.write("SECRET=s\n")
-        use_start = hasattr(convox, "cmd_start")
-        if not use_start and not hasattr(convox, "parse_yaml"):
-            self.skipTest("neither convox start nor parse_yaml exists yet")
         for number in range(count):
             seed = CONVOX_YML_SEED if number % 2 else COMPOSE_SEED
             text = self.mutate(seed)
@@ -9085,24 +9082,12 @@ class FuzzTest(ReliabilityChecks, EngineTestCase):
             path = os.path.join(self.folder, name)
             with open(path, "w", encoding="utf-8", errors="surrogatepass") as handle:
                 handle.write(text)
-            if use_start:
-                # No engine answers: the manifest is all there is to go wrong, and nothing
-                # can run.
-                argv = ["-a", "fuzzapp", "start", "-m", path]
-                env = {"CONVOX_RACK": "unix://%s/no-engine.sock" % self.folder}
-                self.check("manifest", argv, env, *self.main(argv, env))
-                continue
-            self.counts["manifest"] = self.counts.get("manifest", 0) + 1
-            signal.setitimer(signal.ITIMER_REAL, self.CASE_LIMIT)
-            try:
-                convox.parse_yaml(text, name)
-            except convox.ConvoxError as exc:
-                self.assertTrue(str(exc).startswith(name), (str(exc), text))
-            except CaseHung:
-                self.fail("parse_yaml hung on %r" % text)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        self.report("manifest fuzz (%s)" % ("start" if use_start else "parse_yaml"))
+            # No engine answers: the manifest is all there is to go wrong, and nothing
+            # can run.
+            argv = ["-a", "fuzzapp", "start", "-m", path]
+            env = {"CONVOX_RACK": "unix://%s/no-engine.sock" % self.folder}
+            self.check("manifest", argv, env, *self.main(argv, env))
+        self.report("manifest fuzz (start)")
 
     ODD_LABELS = ["", " ", "web\nworker", "tab\there", "\x1b]0;pwned\x07", "\x1b[2J",
                   "ünïcödé", "🚀🚀", "\u202eright-to-left", "a" * 300, "=", "a=b=c",
