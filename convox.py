@@ -7994,10 +7994,23 @@ def notice(stream, kind, message):
         pass
 
 
+def exit_now(status):
+    """Exit with ``status`` once stdout and stderr are flushed, without the interpreter's
+    teardown (freeing every module and object: ~6 ms, a tenth of a ``ps``).  Nothing is
+    left for it: threads are daemons, and main() has closed what it opened.  A flush that
+    fails is left to Python to report, as at any exit."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(status)
+    os._exit(status)
+
+
 def _zipapp_main():
     """Entry point of the zipapp (python3 -m zipapp DIR -m convox:_zipapp_main)."""
-    sys.exit(main())
+    exit_now(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
