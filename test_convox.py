@@ -6281,7 +6281,7 @@ class SshServer:
             self._start(socket_path)
             self.ready = True
         except Exception as exc:  # noqa: BLE001 - reported as the skip/failure reason
-            self.problem = "%s — install it: %s" % (exc, SSH_INSTALL_HINT)
+            self.problem = "%s — they need root and: %s" % (exc, SSH_INSTALL_HINT)
             sys.stderr.write("test: the ssh tests cannot run: %s\n" % self.problem)
             self.cleanup()
 
