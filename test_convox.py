@@ -6294,6 +6294,7 @@ class SshServer:
                 raise RuntimeError("sshd, ssh, ssh-keygen or useradd is missing")
         if os.geteuid() != 0:
             raise RuntimeError("not root (a test sshd needs its own user)")
+        self.sweep()
         self.folder = tempfile.mkdtemp(prefix="convox-test-ssh-")
         os.chmod(self.folder, 0o711)  # sshd reads authorized_keys as the user
         path = lambda *names: os.path.join(self.folder, *names)  # noqa: E731
@@ -6375,6 +6376,28 @@ class SshServer:
                 with open(path("sshd_%s.log" % name), "rb") as handle:
                     raise RuntimeError("sshd did not start: %s" %
                                        handle.read()[-500:].decode("utf-8", "replace"))
+
+    @staticmethod
+    def sweep():
+        """Remove what a killed run left: a test user whose folder no sshd serves."""
+        import pwd
+        prefix = os.path.join(tempfile.gettempdir(), "convox-test-ssh-")
+        for entry in pwd.getpwall():
+            folder = os.path.dirname(entry.pw_dir)
+            if not (entry.pw_name.startswith("cvx") and folder.startswith(prefix)):
+                continue
+            marker = folder.encode()
+            with contextlib.suppress(OSError):
+                if time.time() - os.stat(folder).st_mtime < 120:
+                    continue  # a run setting up: its sshd has not started yet
+            if pids_where(lambda words: any(marker in word for word in words)):
+                continue  # a run in progress
+            for pid in pids_of_user(entry.pw_uid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            subprocess.run(["userdel", "-f", entry.pw_name], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=30)
+            shutil.rmtree(folder, ignore_errors=True)
 
     def url(self, name="forward", path=None):
         """The rack URL of a server; the engine's socket in it unless it is the default."""
