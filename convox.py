@@ -4110,7 +4110,7 @@ def parse_yaml(text, filename, key_lines=None):
         raise parser.error(max(parser.pos, 1), "nested too deeply — flatten it")
 
 
-# ---------------------------------------------------------------- .env files
+# -- .env files -----------------------------------------------------------------------------
 
 # Compose's dotenv rules (compose-go's dotenv parser): KEY=VALUE, KEY: VALUE, "export KEY=",
 # a bare KEY (taken from the environment), quotes that may span lines, " #" comments after
@@ -4211,7 +4211,7 @@ def _env_quoted(text, pos, where, key):
         k = j + 2
 
 
-# ---------------------------------------------------------------- interpolation
+# -- interpolation --------------------------------------------------------------------------
 
 _INTERP_NAME = r'[_A-Za-z][_A-Za-z0-9]*'
 _INTERP_BRACED = r'([_A-Za-z][_A-Za-z0-9]*)(?:(:?[-?+])(.*))?\Z'
@@ -4344,7 +4344,7 @@ def interpolate(value, variables, filename, braces_only=False):
     return result, unique
 
 
-# ---------------------------------------------------------------- manifest model
+# -- manifest model -------------------------------------------------------------------------
 
 #: Service names: Convox's, and the compose spec's (which allows upper case).
 _SERVICE_NAME = {'convox': r'[a-z0-9][a-z0-9_.-]*\Z', 'compose': r'[a-zA-Z0-9][a-zA-Z0-9_.-]*\Z'}
@@ -4672,7 +4672,7 @@ def _service_map(top, ctx):
     return out
 
 
-# ---------------------------------------------------------------- convox.yml
+# -- convox.yml -----------------------------------------------------------------------------
 
 def _convox_env_list(value, ctx, where):
     """Parse a convox environment list into [(KEY, default or None)]."""
@@ -4845,7 +4845,7 @@ def _build_convox(data, ctx):
         raise ManifestError('required env: %s' % ', '.join(sorted(ctx.missing_required)))
 
 
-# ---------------------------------------------------------------- compose
+# -- compose --------------------------------------------------------------------------------
 
 def _compose_kv_list(value, ctx, where, unset):
     """Compose "KEY=VALUE" lists or KEY: VALUE maps; `unset(key)` supplies a bare KEY's value."""
@@ -5317,7 +5317,7 @@ def load_manifest(path, environ):
     return manifest
 
 
-# ---------------------------------------------------------------- .dockerignore
+# -- .dockerignore --------------------------------------------------------------------------
 
 def _go_clean(path):
     """Go's filepath.Clean for '/'-separated paths."""
@@ -5578,7 +5578,7 @@ def read_dockerignore(context_dir):
     return _read_text(path, _display_path(path)).lstrip('\ufeff').splitlines()
 
 
-# ---------------------------------------------------------------- build context tar
+# -- build context tar ----------------------------------------------------------------------
 
 _TAR_CHUNK = 64 * 1024
 _S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
