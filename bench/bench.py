@@ -630,7 +630,8 @@ class Bench:
         progress("starting %d fixture containers" % missing)
         config = {"Image": self.image, "Cmd": ["sleep", "3600"],
                   "Labels": self.labels(**{convox.LABEL_APP: self.app,
-                                           convox.LABEL_SERVICE: "web"}),
+                                           convox.LABEL_SERVICE: "web",
+                                           convox.LABEL_TYPE: "service"}),
                   "HostConfig": {"Init": True}}
         made, errors = [], []
         stop = threading.Event()  # set on Ctrl-C: no container may appear after cleanup
@@ -1062,7 +1063,8 @@ def workload_logs(bench):
         ident = bench.engine.create_container({
             "Image": bench.image, "Cmd": ["seq", "1", str(lines)],
             "Labels": bench.labels(**{convox.LABEL_APP: bench.app,
-                                      convox.LABEL_SERVICE: "logger"}),
+                                      convox.LABEL_SERVICE: "logger",
+                                      convox.LABEL_TYPE: "service"}),
             "HostConfig": {"NetworkMode": "none"}})["Id"]
         bench.engine.start(ident)
         give_up = time.monotonic() + 600
