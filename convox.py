@@ -177,9 +177,11 @@ SENDFILE_CHUNK = 1024 * 1024
 CONTROL_BODY_MAX = 64 * 1024 * 1024
 ERROR_BODY_MAX = 64 * 1024
 
-#: Pipelined inspects sent ahead of the answers read (Engine.inspect_many): 100 requests
-#: are about 11 KB, far below what a socket holds.
-PIPELINE_WINDOW = 100
+#: Pipelined inspects sent ahead of the answers read (Engine.inspect_many): 50 requests
+#: are about 6 KB, far below what a socket holds; beyond one window of them, connections
+#: that the engine serves in parallel (200 containers here: 83 -> 66 ms with 4).
+PIPELINE_WINDOW = 50
+PIPELINE_CONNECTIONS = 4
 
 #: TCP keepalive on tcp:// and TLS racks (idle seconds, interval, probes): a stream or a
 #: build may be quiet for hours, but an engine host that is gone is noticed in a minute.
@@ -1012,47 +1014,71 @@ class Engine:
                 "healthy" % (self.rack.url, method, url.split("?")[0], timeout))
         return unreachable(self.rack, exc)
 
-    def inspect_many(self, idents):
+    def inspect_many(self, idents, window=None, connections=None):
         """-> {ident: its inspect, or None when it is gone}.  The GETs go out together on
-        the keep-alive connection and the engine answers them in order (HTTP/1.1
-        pipelining, RFC 9112 §9.3.2), so ``ps`` of 200 containers waits about one round
-        trip, not 200.  At most two windows of them are unanswered: all at once, the
-        requests of a few thousand containers would fill the socket while the engine,
-        which reads one after the other, waits for us to read its answers.
-        CONVOX_TIMEOUT bounds the whole exchange."""
+        keep-alive connections and the engine answers them in order (HTTP/1.1 pipelining,
+        RFC 9112 §9.3.2), so ``ps`` of 200 containers waits about one round trip, not 200.
+        They go in windows of PIPELINE_WINDOW: beyond one window, the windows take turns
+        over up to PIPELINE_CONNECTIONS connections, which the engine serves in parallel
+        (it answers one connection's requests one after the other), and each connection
+        has at most two windows unanswered -- all at once, the requests of a few thousand
+        containers would fill the socket while the engine waits for us to read its
+        answers.  CONVOX_TIMEOUT bounds the whole exchange."""
         if len(idents) < 2:
             return {ident: self._inspect_or_none(ident) for ident in idents}
         urls = [self.url("/containers/%s/json" % ident) for ident in idents]
         if self._conn is None:
             self._conn = self.connect(self.timeout)
-        sock, deadline = self._conn.sock, time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.timeout
+        window = window or PIPELINE_WINDOW
+        windows = [range(start, min(start + window, len(urls)))
+                   for start in range(0, len(urls), window)]
+        conns = [self._conn]
         found = {}
-        heads = ["GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (url, self._conn.host) for url in urls]
-        window = PIPELINE_WINDOW
         try:
-            _time_left(sock, deadline)
-            sock.sendall("".join(heads[:window]).encode("utf-8"))
-            reader = _SharedReader(io.BufferedReader(
-                _DeadlineReader(sock.makefile("rb", buffering=0), sock, deadline)))
-            for index, (ident, url) in enumerate(zip(idents, urls)):
-                if index % window == 0 and index + window < len(heads):
-                    sock.sendall("".join(heads[index + window:index + 2 * window]).encode(
-                        "utf-8"))
-                response = http.client.HTTPResponse(reader, method="GET")
-                response.begin()
-                data = self._read_control_body(response, "GET", url)
-                if response.status == 404:
-                    found[ident] = None
-                elif response.status >= 300:
-                    raise _http_error(data, response.status, "")
-                else:
-                    found[ident] = _json_body(data, "GET", url)
+            if self.rack.kind != "ssh":  # an ssh rack's connection costs a round trip
+                while len(conns) < min(len(windows), connections or PIPELINE_CONNECTIONS):
+                    conns.append(self.connect(max(0.0, deadline - time.monotonic())))
+            heads = ["GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (url, self._conn.host)
+                     for url in urls]
+            readers = []
+            for conn in conns:
+                _time_left(conn.sock, deadline)
+                readers.append(_SharedReader(io.BufferedReader(_DeadlineReader(
+                    conn.sock.makefile("rb", buffering=0), conn.sock, deadline))))
+
+            def send(number):
+                if number < len(windows):
+                    sock = conns[number % len(conns)].sock
+                    sock.sendall("".join(heads[i] for i in windows[number]).encode("utf-8"))
+
+            for number in range(2 * len(conns)):
+                send(number)
+            for number, indexes in enumerate(windows):
+                for index in indexes:
+                    ident, url = idents[index], urls[index]
+                    response = http.client.HTTPResponse(readers[number % len(conns)],
+                                                        method="GET")
+                    response.begin()
+                    data = self._read_control_body(response, "GET", url)
+                    if response.status == 404:
+                        found[ident] = None
+                    elif response.status >= 300:
+                        raise _http_error(data, response.status, "")
+                    else:
+                        found[ident] = _json_body(data, "GET", url)
+                    if number % len(conns) == 0:
+                        will_close = response.will_close
+                send(number + 2 * len(conns))
         except (OSError, http.client.HTTPException) as exc:
             raise self._failure(exc, "GET", urls[len(found)], self.timeout)
         except BaseException:
             self.close()  # answers may be left unread on it
             raise
-        if response.will_close:
+        finally:
+            for conn in conns[1:]:
+                conn.close()
+        if will_close:
             self.close()
         return found
 

@@ -4011,6 +4011,14 @@ class PsTest(EngineTestCase):
         # The connection is left ready: the next request on it is answered.
         self.assertEqual(engine.inspect(ids["job"])["Id"], ids["job"])
         self.assertEqual(engine.connections, 1)
+        # Windows of two over three connections: each window's answers from its own
+        # connection, in order, the unknown ones too; the extra connections are closed.
+        found = engine.inspect_many(idents + [ids["job"]], window=2, connections=3)
+        self.assertEqual([info and info["Id"] for info in found.values()],
+                         [ids["web"], None, ids["worker"], ids["stopped"], None, ids["job"]])
+        self.assertEqual(engine.connections, 3)
+        self.assertEqual(engine.inspect(ids["job"])["Id"], ids["job"])
+        self.assertEqual(engine.connections, 3)
 
     def test_thousands_of_pipelined_inspects_do_not_jam(self):
         # 2,500 requests (~290 KB) are more than a socket holds: sent all at once, the
@@ -4022,7 +4030,7 @@ class PsTest(EngineTestCase):
         found = engine.inspect_many([ids["web"]] * 2500)
         self.assertEqual([info["Id"] for info in found.values()], [ids["web"]])
         self.assertLess(time.monotonic() - started, 25)
-        self.assertEqual(engine.connections, 1)
+        self.assertEqual(engine.connections, convox.PIPELINE_CONNECTIONS)
 
     def test_all_service_release_json(self):
         app, ids = self.fixtures()
@@ -4126,7 +4134,8 @@ class PsTest(EngineTestCase):
         ctx._engine = engine
         self.assertEqual(convox.cmd_ps(ctx), 0)
         self.assertEqual(len(out.getvalue().splitlines()), count + 1)
-        self.assertEqual(engine.connections, 1)
+        self.assertEqual(engine.connections, min(  # the windows' connections
+            convox.PIPELINE_CONNECTIONS, -(-count // convox.PIPELINE_WINDOW)))
 
     def test_zipapp_and_module_forms(self):
         app, ids = self.fixtures()
