@@ -6665,12 +6665,20 @@ class SshRackTest(ExecFixtures, SshTestCase):
         started = time.monotonic()
         proc.kill()
         proc.wait(10)
+        def parent_words(pid):
+            with contextlib.suppress(OSError, ValueError):
+                with open("/proc/%d/stat" % pid) as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+                with open("/proc/%d/cmdline" % ppid, "rb") as handle:
+                    return handle.read().split(b"\0")
+            return []
         for _ in deadline_loop(10, 0.1):  # the client's ssh goes; the watchdog's stays
-            survivors = SSH.ssh_processes()
-            if len(survivors) == 1:
+            ours = SSH.ssh_processes()
+            watchdogs = [pid for pid in ours if b"--watchdog" in parent_words(pid)]
+            if watchdogs and len(ours) == 1:
                 break
-        self.assertEqual(len(survivors), 1, survivors)
-        os.kill(survivors[0], signal.SIGKILL)
+        self.assertEqual(len(watchdogs), 1, ours)
+        os.kill(watchdogs[0], signal.SIGKILL)
         self.assertTrue(self.processes_of(app, "process"))
         self.assertNoneLeft(app, within=21 - (time.monotonic() - started))
         self.assertNothingLeft(within=15)
