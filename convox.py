@@ -6037,7 +6037,7 @@ class SyncTarget(object):
 class Syncer(object):
     """Keeps running service containers in step with their build contexts (SPEC §7.2).
 
-    No thread: ``follow`` calls ``tick`` when ``due`` has come.  Changed and added files go
+    No thread: ``Follower.run`` calls ``tick`` when ``due`` has come.  Changed and added files go
     in one tar through ``PUT /containers/ID/archive`` (path ``/``, the members named by their
     absolute destinations); removed ones by one ``rm -rf`` exec.
     """
@@ -7394,17 +7394,20 @@ class LocalApp:
             return "%s-%s" % (self.app, key)
         return self.manifest.volume_names.get(key) or "%s_%s" % (self.app, key)
 
-    def await_dependencies(self, name, printer, signal_fd=None):
+    def await_dependencies(self, name, printer,
+                           pause=lambda seconds: not time.sleep(seconds)):
         """Wait until the services ``name`` depends on meet their compose conditions
-        (service_healthy, service_completed_successfully); False if a stop was asked for."""
+        (service_healthy, service_completed_successfully); False if a stop was asked for.
+        ``pause(seconds)`` passes the time between two looks (Follower.pause prints the
+        services' output meanwhile, and is False on Ctrl-C)."""
         for dep, condition in self.manifest.services[name].conditions.items():
             if condition != "service_started" and dep in self.containers:
                 printer.say("%s waits for %s (%s)" % (name, dep, condition))
-                if not self.await_condition(name, dep, condition, signal_fd):
+                if not self.await_condition(name, dep, condition, pause):
                     return False
         return True
 
-    def await_condition(self, name, dep, condition, signal_fd):
+    def await_condition(self, name, dep, condition, pause):
         """Poll dependency ``dep``'s state until ``condition`` holds (compose waits as long
         as it takes: the healthcheck's retries end it); raise when it can never hold."""
         while True:
@@ -7427,11 +7430,7 @@ class LocalApp:
                     return True
                 raise ConvoxError("%s exited with code %s, but %s needs it to complete "
                                   "successfully — fix %s" % (dep, state.get("ExitCode"), name, dep))
-            if signal_fd is None:
-                time.sleep(0.25)
-            elif select.select([signal_fd], [], [], 0.25)[0] and any(
-                    signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-                    for signum in _drain_signals(signal_fd)):
+            if not pause(0.25):
                 return False
 
     def template(self, name):
@@ -7520,50 +7519,78 @@ def manifest_template(engine, app, service, environ, cwd=None):
     return local.template(service), tuple(manifest.services)
 
 
-def follow(local, streams, printer, signal_fd, syncer=None):
-    """Print every service's output until all have exited or a stop is asked for.
+class Follower:
+    """Prints every service's output as it comes, from the moment the services are
+    created: while start waits on a dependency's condition too, so that a dependency's
+    output is neither held back nor left to fill the engine's buffers and stall it.
 
-    ``streams`` maps service -> Hijacked (not TTY).  Returns ``("exited", status)`` with the
-    first non-zero exit status, or ``("stopped", 0)`` after Ctrl-C/SIGTERM (a second one
-    kills at once).
+    ``streams`` maps service -> Hijacked (not TTY).  The first Ctrl-C/SIGTERM/SIGHUP asks
+    the services to stop (``stopping``), a second one kills them at once.
     """
-    demuxers = {name: Demuxer() for name in streams}
-    by_sock = {}
-    for name, stream in streams.items():
-        stream.sock.setblocking(False)
-        by_sock[stream.sock] = name
-        if stream.early:
-            for index, payload in demuxers[name].feed(stream.early):
-                printer.write(name, payload, (name, index))
-    first_failure = 0
-    stopping = False
-    stop_deadline = None
-    while by_sock:
-        readable = list(by_sock) + ([signal_fd] if signal_fd is not None else [])
-        wake = [t for t in (stop_deadline, None if stopping or syncer is None else syncer.due)
-                if t is not None]
-        timeout = max(0, min(wake) - time.monotonic()) if wake else None
+
+    def __init__(self, local, streams, printer, signal_fd):
+        self.local = local
+        self.printer = printer
+        self.signal_fd = signal_fd
+        self.demuxers = {name: Demuxer() for name in streams}
+        self.by_sock = {}
+        self.stopping = False
+        self.stop_deadline = None
+        self.first_failure = 0
+        for name, stream in streams.items():
+            stream.sock.setblocking(False)
+            self.by_sock[stream.sock] = name
+            if stream.early:
+                self.print(name, stream.early)
+
+    def print(self, name, data):
+        for index, payload in self.demuxers[name].feed(data):
+            self.printer.write(name, payload, (name, index))
+
+    def pause(self, seconds):
+        """Print what comes for ``seconds`` (await_condition's poll interval); False once a
+        stop has been asked for."""
+        give_up = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < give_up:
+            self.step(give_up)
+        return not self.stopping
+
+    def run(self, syncer=None):
+        """Until all have exited or were stopped -> ``("exited", the first non-zero exit
+        status)`` or ``("stopped", 0)``."""
+        while self.by_sock:
+            due = None if self.stopping or syncer is None else syncer.due
+            self.step(min([t for t in (self.stop_deadline, due) if t is not None],
+                          default=None))
+            if syncer is not None and not self.stopping and time.monotonic() >= syncer.due:
+                syncer.targets = [t for t in syncer.targets  # none into a service that ended
+                                  if t.service in self.by_sock.values()]
+                syncer.tick()
+            if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
+                self.local.kill_all()
+                self.stop_deadline = None
+        return ("stopped", 0) if self.stopping else ("exited", self.first_failure)
+
+    def step(self, wake=None):
+        """One look at the streams and the signals, waiting until ``wake`` at most."""
+        readable = list(self.by_sock) + ([self.signal_fd] if self.signal_fd is not None
+                                         else [])
+        timeout = None if wake is None else max(0, wake - time.monotonic())
         ready, _, _ = select.select(readable, [], [], timeout)
-        if syncer is not None and not stopping and time.monotonic() >= syncer.due:
-            syncer.tick()
-        if signal_fd is not None and signal_fd in ready:
-            for signum in _drain_signals(signal_fd):
+        if self.signal_fd in ready:
+            for signum in _drain_signals(self.signal_fd):
                 if signum not in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     continue
-                if stopping:
-                    printer.say("killing")
-                    local.kill_all()
+                if self.stopping:
+                    self.printer.say("killing")
+                    self.local.kill_all()
                 else:
-                    stopping = True
-                    printer.say("stopping (press Ctrl-C again to force)")
-                    local.term_all()
-                    stop_deadline = time.monotonic() + STOP_GRACE
-        if stop_deadline is not None and time.monotonic() >= stop_deadline:
-            local.kill_all()
-            stop_deadline = None
-            continue
-        for sock in [s for s in ready if s in by_sock]:
-            name = by_sock[sock]
+                    self.stopping = True
+                    self.printer.say("stopping (press Ctrl-C again to force)")
+                    self.local.term_all()
+                    self.stop_deadline = time.monotonic() + STOP_GRACE
+        for sock in [s for s in ready if s in self.by_sock]:
+            name = self.by_sock[sock]
             try:
                 data = sock.recv(CHUNK)
             except (BlockingIOError, InterruptedError):
@@ -7571,21 +7598,17 @@ def follow(local, streams, printer, signal_fd, syncer=None):
             except OSError:
                 data = b""
             if data:
-                for index, payload in demuxers[name].feed(data):
-                    printer.write(name, payload, (name, index))
+                self.print(name, data)
                 continue
-            del by_sock[sock]
+            del self.by_sock[sock]
             sock.close()
             for index in (1, 2):
-                printer.flush(name, (name, index))
-            if syncer is not None:  # nothing to sync into a service that has ended
-                syncer.targets = [t for t in syncer.targets if t.service != name]
-            code = _exit_code(local.engine, local.containers[name])
-            if not stopping:
-                printer.say("%s exited with code %s" % (name, code))
-                if code and not first_failure:
-                    first_failure = code
-    return ("stopped", 0) if stopping else ("exited", first_failure)
+                self.printer.flush(name, (name, index))
+            code = _exit_code(self.local.engine, self.local.containers[name])
+            if not self.stopping:
+                self.printer.say("%s exited with code %s" % (name, code))
+                if code and not self.first_failure:
+                    self.first_failure = code
 
 
 def _exit_code(engine, ident, patience=5.0):
@@ -7648,17 +7671,17 @@ def start_services(local, names, printer, watches):
                 ident = local.create(name)
                 streams[name] = local.engine.hijack("/containers/%s/attach" % ident, query={
                     "stream": 1, "stdout": 1, "stderr": 1})
+            follower = Follower(local, streams, printer, pipe.fd)
             for name in names:
-                if not local.await_dependencies(name, printer, pipe.fd):
-                    printer.say("stopping")
-                    local.stop_all(grace=0)
+                if not local.await_dependencies(name, printer, follower.pause):
+                    local.stop_all(grace=0)  # the follower said "stopping"
                     return 0
                 printer.say("starting %s" % name)
                 local.engine.start(local.containers[name])
             targets = [SyncTarget(name, local.containers[name], *watches[name])
                        for name in names if name in watches]
             syncer = Syncer(local.engine, printer, targets) if targets else None
-            outcome, status = follow(local, streams, printer, pipe.fd, syncer)
+            outcome, status = follower.run(syncer)
             if outcome == "stopped":
                 local.stop_all(grace=0)
             return status

@@ -4451,6 +4451,35 @@ services:
             self.assertIn(b"convox  | starting tools\n", result.stdout)
             self.assertEqual(self.processes_of(app), [])
 
+    def test_output_of_a_dependency_flows_while_it_is_waited_for(self):
+        """A dependency that prints 1.3 MB before it turns healthy: its lines come as it
+        prints them, before the service that waits for it starts (held back until every
+        service had started, they filled the engine's buffers and stalled the dependency)."""
+        app = app_name("chatty")
+        folder = self.app_dir("compose.yaml", """\
+services:
+  chatty:
+    image: {image}
+    command: sh -c 'seq 1 200000; touch /ready; echo chatty ready; sleep 1'
+    healthcheck:
+      test: ["CMD", "test", "-f", "/ready"]
+      interval: 500ms
+      retries: 40
+  web:
+    image: {image}
+    command: echo web ran
+    depends_on:
+      chatty: {{condition: service_healthy}}
+""".format(image=self.image))
+        result = self.convox("-a", app, "start", cwd=folder, timeout=60)
+        out = result.stdout.decode()
+        self.assertEqual(result.returncode, 0, out[-2000:] + result.stderr.decode())
+        starting = out.index("convox | starting web\n")
+        self.assertLess(out.index("chatty | 1\n"), starting)
+        self.assertLess(out.index("chatty | 200000\n"), starting)
+        self.assertLess(starting, out.index("web    | web ran\n"))
+        self.assertEqual(self.processes_of(app), [])
+
     def test_syntax_error_names_line(self):
         folder = self.app_dir("convox.yml", "services:\n  web:\n    image: x\n  bad: [\n")
         result = self.convox("-a", app_name("bad"), "start", cwd=folder)
