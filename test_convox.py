@@ -6684,6 +6684,7 @@ class SshRackTest(ExecFixtures, SshTestCase):
         # The watchdog's own ssh ends with it, and the client's with the client.
         self.assertNothingLeft(within=15)
 
+    @unittest.skipUnless(SLOW, "in the slow group (CONVOX_TEST_SLOW=1)")
     def test_timeout_holds_when_the_watchdogs_ssh_breaks(self):
         """An hour is long for one ssh connection: when the watchdog's breaks, it still
         stops the one-off at the deadline, through a new one."""
@@ -6803,6 +6804,7 @@ class SshBridgeTest(ExecFixtures, SshTestCase):
         self.assertNoneLeft(app)
         self.assertNothingLeft()
 
+    @unittest.skipUnless(SLOW, "in the slow group (CONVOX_TEST_SLOW=1)")
     def test_the_other_bridges(self):
         """docker system dial-stdio, socat -t 86400 and nc -N, where the far side has them:
         stdin's end reaches the process, and output that follows it is not lost."""
