@@ -1008,6 +1008,54 @@ class VersionTest(unittest.TestCase):
         self.assertEqual(convox.negotiate_version(None), "1.24")
 
 
+class PipelinedAnswerTest(unittest.TestCase):
+    """The framing of pipelined answers (Engine._answer), as http.client reads it."""
+
+    def answers(self, data):
+        engine = convox.Engine(convox.parse_rack("unix:///nowhere.sock", {}), {})
+        reader = io.BufferedReader(io.BytesIO(data))
+        return lambda: engine._answer(reader, "/v1.41/containers/x/json")
+
+    def test_lengths_chunks_and_the_end_of_the_connection(self):
+        answer = self.answers(
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}"
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n"
+            b"3;ext=1\r\n{\"m\r\n6\r\n\":\"x\"}\r\n0\r\nTrailer: 1\r\n\r\n"
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n[]"
+            b"HTTP/1.0 200 OK\r\n\r\nto the end")
+        self.assertEqual(answer(), (200, b'{"a":1}', False))
+        self.assertEqual(answer(), (404, b'{"m":"x"}', False))
+        self.assertEqual(answer(), (204, b"", False))
+        self.assertEqual(answer(), (200, b"[]", True))
+        self.assertEqual(answer(), (200, b"to the end", True))
+        with self.assertRaises(http.client.RemoteDisconnected):
+            answer()
+
+    def test_malformed_answers_are_http_errors(self):
+        for data, error in (
+                (b"SSH-2.0-OpenSSH\r\n", http.client.BadStatusLine),
+                (b"HTTP/1.1 OK\r\n\r\n", http.client.BadStatusLine),
+                (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort", http.client.IncompleteRead),
+                (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", http.client.IncompleteRead),
+                (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                 http.client.IncompleteRead),
+                (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nabc",
+                 http.client.IncompleteRead),
+                (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", http.client.LineTooLong),
+                (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", http.client.HTTPException)):
+            with self.assertRaises(error, msg=data[:40]):
+                self.answers(data)()
+
+    def test_an_answer_over_the_cap_is_refused(self):
+        too_big = convox.CONTROL_BODY_MAX + 1
+        for head in (b"Content-Length: %d\r\n\r\n" % too_big,
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % too_big):
+            with self.assertRaisesRegex(convox.EngineError, "more than 64 MiB"):
+                self.answers(b"HTTP/1.1 200 OK\r\n" + head + b"x" * 1000)()
+
+
 class IdentityTest(unittest.TestCase):
     def test_labels(self):
         self.assertEqual(convox.identity({"convox.app": "shop", "convox.service": "web",
