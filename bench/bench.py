@@ -31,6 +31,9 @@ Workloads (names for --only):
             --filter label=..., docker-py's containers.list, a raw stdlib client that
             inspects each container in turn; floors: the interpreter importing the modules
             convox.py imports at start-up, with and without site (-S, as the launcher runs)
+    startup convox ps (10 containers) by name under each Python given with --python (default:
+            the one running the bench), with PYTHONDONTWRITEBYTECODE=1, against that
+            Python's floor with and without site
     exec    exec round trip: exec ID true
     stdout  exec stdout throughput: head -c SIZE /dev/zero inside, to /dev/null, no TTY;
             floor: a raw reader of the hijacked stream that discards bytes unread
@@ -100,10 +103,10 @@ import convox  # noqa: E402  (the engine client; the tool under test runs as a s
 
 BENCH_LABEL = "convox.bench"
 MIB = 1024 * 1024
-WORKLOADS = ("ps", "exec", "stdout", "stdin", "run", "tty", "rss", "logs", "ssh",
+WORKLOADS = ("ps", "startup", "exec", "stdout", "stdin", "run", "tty", "rss", "logs", "ssh",
              "start-sync", "swarm-ps", "swarm-exec")
 #: What a run without --only runs.
-DEFAULT_WORKLOADS = WORKLOADS[:9]
+DEFAULT_WORKLOADS = WORKLOADS[:10]
 
 
 class BenchError(Exception):
@@ -918,6 +921,48 @@ def workload_ps(bench, count=10):
     return rows
 
 
+def workload_startup(bench):
+    """convox ps by name under each Python, against that Python's own floors."""
+    s = bench.settings
+    bench.add_fixtures(10)
+    floor = FLOOR % ", ".join(bench.modules)
+    contenders = []
+    for python in bench.pythons:
+        version = subprocess.check_output(
+            [python, "-c", "import platform; print(platform.python_version())"],
+            timeout=60).decode().strip()
+        env = dict(bench.env, CONVOX_PYTHON=python, PYTHONDONTWRITEBYTECODE="1")
+        contenders += [
+            Contender("convox@" + version, "convox ps by name, Python %s" % version,
+                      lambda env=env: measure(bench.convox("ps"), env)),
+            Contender("floor@" + version, "floor, Python %s" % version,
+                      lambda python=python, env=env: measure([python, "-c", floor], env),
+                      is_floor=True),
+            Contender("floor-S@" + version, "floor -S, Python %s" % version,
+                      lambda python=python, env=env: measure([python, "-S", "-c", floor],
+                                                             env),
+                      is_floor=True)]
+    samples = alternate("start-up by Python", contenders, s.pairs, s.warmup)
+    rows = []
+    for contender in contenders:
+        theirs = samples[contender.key]
+        row = {"workload": "startup", "case": "ps, 10 containers",
+               "contender": contender.key, "label": contender.label, "pairs": len(theirs),
+               "floor": contender.is_floor, "ratio": None,
+               "wall_s": statistics.median(x.wall for x in theirs),
+               "cpu_s": statistics.median(x.cpu for x in theirs),
+               "rss_kib": statistics.median(x.rss_kib for x in theirs)}
+        if contender.key.startswith("convox@"):
+            version = contender.key.split("@")[1]
+            row["floor_ratios"] = {floor: statistics.median(
+                a.wall / b.wall for a, b in zip(theirs, samples["%s@%s" % (floor, version)]))
+                for floor in ("floor", "floor-S")}
+            row["cpu_floor_ratio"] = statistics.median(
+                a.cpu / b.cpu for a, b in zip(theirs, samples["floor@" + version]))
+        rows.append(row)
+    return rows
+
+
 def workload_exec(bench):
     s = bench.settings
     target, env = bench.fixtures[0], bench.env
@@ -1366,7 +1411,7 @@ def workload_swarm_exec(bench):
     return summarise("swarm-exec", "cross-node round trip", contenders, samples)
 
 
-RUNNERS = {"ps": workload_ps, "exec": workload_exec, "stdout": workload_stdout,
+RUNNERS = {"ps": workload_ps, "startup": workload_startup, "exec": workload_exec, "stdout": workload_stdout,
            "stdin": workload_stdin, "run": workload_run, "tty": workload_tty,
            "rss": workload_rss, "logs": workload_logs, "ssh": workload_ssh,
            "start-sync": workload_start_sync,
@@ -1440,6 +1485,8 @@ def row_note(row):
         notes.append("CPU convox/this %.2f" % row["cpu_ratio"])
     if row.get("rss_ratio") is not None:
         notes.append("RSS convox/this %.2f" % row["rss_ratio"])
+    if row.get("cpu_floor_ratio") is not None:
+        notes.append("CPU ÷floor %.2f" % row["cpu_floor_ratio"])
     if row.get("floor_ratios"):
         notes.append("÷floor %.2f, ÷floor-S %.2f" % (row["floor_ratios"]["floor"],
                                                      row["floor_ratios"]["floor-S"]))
@@ -1521,6 +1568,11 @@ def evaluate(rows):
             targets.append(("%s round trip <= %.1fx docker CLI" % (workload, bound),
                             "%.2f" % row["ratio"], row["ratio"] <= bound))
     for row in rows:
+        if row["workload"] == "startup" and row.get("floor_ratios"):
+            targets.append(("ps within 1.3x of the floor: %s" % row["label"],
+                            "%.2f (-S: %.2f)" % (row["floor_ratios"]["floor"],
+                                                 row["floor_ratios"]["floor-S"]),
+                            row["floor_ratios"]["floor"] <= 1.3))
         if row["workload"] == "ps" and row.get("floor_ratios") and \
                 row["case"] == "10 containers":
             bound = 1.8 if row["contender"] == "convox-script" else 1.3
@@ -1592,6 +1644,9 @@ def parse_args(argv):
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--pairs", type=int, metavar="N", help="measured pairs per workload")
     parser.add_argument("--no-docker-py", action="store_true", help="skip the docker-py peer")
+    parser.add_argument("--python", action="append", metavar="PATH",
+                        help="the startup workload also runs convox under this Python "
+                        "(repeatable)")
     args = parser.parse_args(argv)
     only = []
     for item in args.only or []:
@@ -1615,6 +1670,7 @@ def main(argv=None):
     signal.signal(signal.SIGHUP, _terminate)
     started = time.monotonic()
     bench = Bench(settings)
+    bench.pythons = [sys.executable] + [p for p in args.python or [] if p != sys.executable]
     enable_launcher(bench.notes)
     rows, failures = [], []
     status = 0
