@@ -148,6 +148,7 @@ class Harness:
             raise RuntimeError("no Docker engine answers, and dockerd is not installed (or "
                                "not root) — install it: " + INSTALL_HINT)
         self.private_dir = tempfile.mkdtemp(prefix="convox-test-dockerd-")
+        os.chmod(self.private_dir, 0o711)  # the ssh tests' user reaches the socket in it
         sock = os.path.join(self.private_dir, "docker.sock")
         log = open(os.path.join(self.private_dir, "dockerd.log"), "wb")
         self.dockerd = subprocess.Popen(
@@ -156,6 +157,7 @@ class Harness:
              "--pidfile", os.path.join(self.private_dir, "dockerd.pid"),
              "-H", "unix://" + sock],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd="/")
+        log.close()
         rack = convox.parse_rack("unix://" + sock, {})
         for _ in deadline_loop(60, 0.2):
             if self.dockerd.poll() is not None:
