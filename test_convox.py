@@ -1110,10 +1110,14 @@ class IdentityTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as folder:
             app_file = os.path.join(folder, ".convox", "app")
             os.makedirs(os.path.dirname(app_file))
+
+            def large():
+                with open(app_file, "w") as handle:
+                    handle.write("a" * 5000)
             makers = [("fifo", lambda: os.mkfifo(app_file)),
                       ("device", lambda: os.symlink("/dev/zero", app_file)),
                       ("folder", lambda: os.mkdir(app_file)),
-                      ("larger than 1024 bytes", lambda: open(app_file, "w").write("a" * 5000))]
+                      ("larger than 1024 bytes", large)]
             for expected, make in makers:
                 with self.subTest(expected):
                     make()
