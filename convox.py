@@ -6163,7 +6163,9 @@ class Syncer(object):
             self.printer.say("sync %s failed: %s" % (target.service, printable(str(exc))))
             return
         files = [rel for _, rel, _ in uploads if not changed[rel]]  # not new folders
-        self.printer.say("sync %s: %d files" % (target.service, len(files) + len(removals)))
+        count = len(files) + len(removals)
+        self.printer.say("sync %s: %d %s" % (target.service, count,
+                                             "file" if count == 1 else "files"))
 
     def remove(self, container, paths):
         exec_id = self.engine.exec_create(container, {

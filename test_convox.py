@@ -9532,7 +9532,7 @@ class PodmanTest(ReliabilityChecks, TerminalTestCase):
                 time.sleep(0.5)
                 with open(os.path.join(folder, "src/a.txt"), "w") as handle:
                     handle.write("two\n")
-                read_until(proc, b"convox | sync web: 1 files", timeout=5)
+                read_until(proc, b"convox | sync web: 1 file\n", timeout=5)
                 result = self.convox("-a", app, "exec", "web", "cat", "/app/code/a.txt")
                 self.assertEqual((result.returncode, result.stdout), (0, b"two\n"),
                                  result.stderr)
