@@ -7785,7 +7785,8 @@ def _common_options(parser, suppress):
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("-a", "--app", default=default, help="app name (default: inferred)")
     parser.add_argument("-r", "--rack", default=default,
-                        help="engine URL: unix:///path, /path or tcp://host:port")
+                        help="engine URL: unix:///path, /path, tcp://host:port or "
+                        "ssh://[user@]host[:port][/socket]")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
