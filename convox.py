@@ -7406,7 +7406,7 @@ class LocalApp:
                 "Labels": {LABEL_APP: self.app, LABEL_START: "1"}})
         self.network_created = True
 
-    def container_config(self, name, command=None):
+    def container_config(self, name):
         """The create body of service ``name`` from the manifest."""
         service = self.manifest.services[name]
         labels = dict(service.labels or {})
@@ -7423,8 +7423,8 @@ class LocalApp:
         if self.network:
             config["NetworkingConfig"] = {"EndpointsConfig": {
                 self.network: {"Aliases": [name]}}}
-        if command is not None or service.command is not None:
-            config["Cmd"] = command if command is not None else service.command
+        if service.command is not None:
+            config["Cmd"] = service.command
         if service.entrypoint is not None:
             config["Entrypoint"] = service.entrypoint
         if service.healthcheck is not None:
