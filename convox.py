@@ -6150,7 +6150,7 @@ class Syncer(object):
         """Upload and remove what the Dockerfile of ``target`` copied; say how many."""
         uploads = [(dest, rel, copy) for rel in sorted(changed)
                    for dest, copy in copy_destinations(target.copies, rel, changed[rel])]
-        removals = [dest for rel in sorted(removed)
+        removals = [(dest, rel) for rel in sorted(removed)
                     for dest, _ in copy_destinations(target.copies, rel, removed[rel])]
         if not uploads and not removals:
             return
@@ -6158,14 +6158,14 @@ class Syncer(object):
             if uploads:
                 self.upload(target, uploads)
             if removals:
-                self.remove(target.container, removals)
+                self.remove(target.container, [dest for dest, _ in removals])
         except ConvoxError as exc:
             self.printer.say("sync %s failed: %s" % (target.service, printable(str(exc))))
             return
-        files = [rel for _, rel, _ in uploads if not changed[rel]]  # not new folders
-        count = len(files) + len(removals)
-        self.printer.say("sync %s: %d %s" % (target.service, count,
-                                             "file" if count == 1 else "files"))
+        files = ([rel for _, rel, _ in uploads if not changed[rel]] +  # not the folders
+                 [rel for _, rel in removals if not removed[rel]])
+        self.printer.say("sync %s: %d %s" % (target.service, len(files),
+                                             "file" if len(files) == 1 else "files"))
 
     def remove(self, container, paths):
         exec_id = self.engine.exec_create(container, {

@@ -4753,7 +4753,8 @@ COPY --chown=app:app conf.txt settings/
                                   "Dockerfile": self.SYNC_DOCKERFILE.format(image=self.image),
                                   "conf.txt": "conf-1\n"})
         os.mkdir(os.path.join(folder, "src"))
-        for name, text in (("a.txt", "one\n"), ("c.txt", "gone soon\n")):
+        for name, text in (("a.txt", "one\n"), ("c.txt", "gone soon\n"),
+                           ("old/d.txt", "gone with its folder\n")):
             self.write(folder, "src/" + name, text)
         proc = self.start(app, folder, *words)
         container = self.processes_of(app)[0]["Id"]
@@ -4782,14 +4783,15 @@ COPY --chown=app:app conf.txt settings/
         self.write(folder, "src/a.txt", "two\n")
         self.write(folder, "src/new/b.txt", "bee\n")
         os.remove(os.path.join(folder, "src/c.txt"))
+        shutil.rmtree(os.path.join(folder, "src/old"))  # a folder and a file: one file
         self.write(folder, "conf.txt", "conf-2\n")
         for _ in deadline_loop(3, 0.02):
             if self.sync_lines(proc):
                 break
-        self.assertEqual(self.sync_lines(proc), ["convox | sync web: 4 files\n"])
+        self.assertEqual(self.sync_lines(proc), ["convox | sync web: 5 files\n"])
         # The line is printed once the engine has unpacked the files.
         came = proc.times[[line.decode() for line in proc.lines].index(
-            "convox | sync web: 4 files\n")]
+            "convox | sync web: 5 files\n")]
         self.assertLess(came - began, 3.0)
         self.assertEqual(self.inside(container, "cat", "/app/code/a.txt"), (0, "two\n"))
         self.assertEqual(self.inside(container, "cat", "/app/code/new/b.txt"), (0, "bee\n"))
