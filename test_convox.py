@@ -9371,7 +9371,8 @@ class PodmanTest(ReliabilityChecks, TerminalTestCase):
     def setUpClass(cls):
         url = os.environ.get("CONVOX_TEST_PODMAN")
         if not url:
-            raise unittest.SkipTest("CONVOX_TEST_PODMAN does not name a Podman socket")
+            raise unittest.SkipTest("the Podman tests need CONVOX_TEST_PODMAN=unix:///PATH "
+                                    "(the socket of `podman system service`)")
         cls.podman = Harness()
         cls.podman.rack_url = convox.parse_rack(url, {}).url
         cls.podman.engine = convox.Engine(convox.parse_rack(url, {}), {})
