@@ -7626,6 +7626,13 @@ class Follower:
             self.step(give_up)
         return not self.stopping
 
+    def finish(self, names, patience=1.0):
+        """Print the rest of what services ``names`` said: their streams end just after
+        them, so that a failed dependency's last words come before start's error."""
+        give_up = time.monotonic() + patience
+        while set(names) & set(self.by_sock.values()) and time.monotonic() < give_up:
+            self.step(give_up)
+
     def run(self, syncer=None):
         """Until all have exited or were stopped -> ``("exited", the first non-zero exit
         status)`` or ``("stopped", 0)``."""
@@ -7744,7 +7751,12 @@ def start_services(local, names, printer, watches):
                     "stream": 1, "stdout": 1, "stderr": 1})
             follower = Follower(local, streams, printer, pipe.fd)
             for name in names:
-                if not local.await_dependencies(name, printer, follower.pause):
+                try:
+                    ready = local.await_dependencies(name, printer, follower.pause)
+                except ConvoxError:
+                    follower.finish(local.manifest.services[name].conditions)
+                    raise
+                if not ready:
                     local.stop_all(grace=0)  # the follower said "stopping"
                     return 0
                 printer.say("starting %s" % name)

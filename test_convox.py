@@ -4497,6 +4497,8 @@ services:
         self.assertIn("ERROR: migrate exited with code 3, but web needs it to complete "
                       "successfully", result.stderr.decode())
         self.assertNotIn(b"web ran", result.stdout)
+        # What the dependency said before it failed is there to read (not cut off).
+        self.assertIn(b"migrate | migrating\n", result.stdout)
         self.assertNotIn(b"starting tools", result.stdout)  # not in an active profile
         self.assertEqual(self.processes_of(app), [])
         # --profile (or COMPOSE_PROFILES) starts the services of that profile too.
