@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """bench.py -- convox.py side by side with the Docker CLI, docker-py and floors.
 
-    python3 bench/bench.py                  # the full run (a few minutes)
-    python3 bench/bench.py --quick          # fewer pairs, smaller sizes: under a minute
+    python3 bench/bench.py                  # the full run (15-20 minutes)
+    python3 bench/bench.py --quick          # fewer pairs, smaller sizes: a few minutes
     python3 bench/bench.py --only exec,run  # some workloads (names below)
     python3 bench/bench.py --json out.json  # the figures as JSON too
+    python3 bench/bench.py --python /usr/bin/python3.6 ...  # start-up under other Pythons
 
 It uses the engine convox.py would find (CONVOX_RACK, DOCKER_HOST, the default sockets),
 builds its own image from the local /bin/busybox through the engine's build API, starts
