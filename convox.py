@@ -8133,8 +8133,9 @@ def exit_now(status):
     left for it: threads are daemons, and main() has closed what it opened.  A flush that
     fails is left to Python to report, as at any exit."""
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: the fd was closed when Python started
+                stream.flush()
     except (OSError, ValueError):
         sys.exit(status)
     os._exit(status)

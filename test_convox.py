@@ -3904,6 +3904,17 @@ class LauncherTest(unittest.TestCase):
                          handle)
         self.assertEqual(launch("ps", "--all").stdout, b"from cache ['ps', '--all']\n")
 
+    def test_closed_stdout_and_stderr(self):
+        # Python starts with sys.stdout (sys.stderr) None when its fd is closed.
+        for fd in (1, 2):
+            result = subprocess.run(
+                ["sh", "-c", '"$0" --version %d>&-; echo "status $?" >&%d' % (fd, 3 - fd),
+                 self.script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                cwd=self.folder, timeout=60)
+            output = result.stderr if fd == 1 else result.stdout
+            self.assertIn(b"status 0", output, result)
+            self.assertNotIn(b"Traceback", result.stdout + result.stderr)
+
     def test_status_and_usage_errors_pass_through(self):
         result = self.launch("run")
         self.assertEqual(result.returncode, 2)
