@@ -42,7 +42,8 @@ Workloads (names for --only):
             floor: a raw writer of the hijacked stream
     run     run SERVICE true vs docker run --rm IMAGE true
     tty     keystroke echo latency through exec under a pty (into cat), p50/p95
-    rss     peak RSS of the stdout workload at a small and a big size (must be flat)
+    rss     peak RSS of the stdout workload at a small and a big size (64 MiB and 1 GiB;
+            must be flat)
     logs    convox logs --no-follow ID of one process that printed N lines (seq 1 N) vs
             docker logs ID, at 100,000 and 1,000,000 lines (--quick: 10,000 and 100,000);
             peak RSS must not grow with N
@@ -130,7 +131,7 @@ class Settings:
         # ps of 1,000 takes seconds a round for some peers (docker-py inspects one by one)
         self.big_ps_pairs = pairs or 5
         self.stream_size = 16 * MIB if quick else 512 * MIB
-        self.rss_sizes = (4 * MIB, 16 * MIB) if quick else (64 * MIB, 512 * MIB)
+        self.rss_sizes = (4 * MIB, 16 * MIB) if quick else (64 * MIB, 1024 * MIB)
         self.rss_pairs = pairs or (2 if quick else 5)
         self.keystrokes = 50 if quick else 200
         self.log_lines = (10000, 100000) if quick else (100000, 1000000)
