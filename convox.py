@@ -7361,16 +7361,7 @@ class LocalApp:
         """Refuse to start over another start of the app or over objects start did not make
         (a `docker run --name APP-db` holding data, someone's network named APP); remove
         the leftovers of an earlier start that was killed, which are ours."""
-        # One label in the filter: Podman 4 finds nothing when given two (see prune_images).
-        ours = [s for s in self.engine.containers(all=True, filters={
-            "label": ["%s=%s" % (LABEL_APP, self.app)]}) if self.made_by_start(s.get("Labels"))]
-        running = [s for s in ours if s.get("State") == "running"]
-        if running:
-            names = sorted(n.lstrip("/") for s in running for n in s.get("Names") or [])
-            raise ConvoxError("app %s is already running (%s, from another convox start) — "
-                              "stop that one first (Ctrl-C in its terminal, or convox ps stop ID if "
-                              "it is gone)"
-                              % (self.app, ", ".join(names)))
+        ours = self.refuse_another_start(("running",))
         for name in names:
             container = "%s-%s" % (self.app, name)
             try:
@@ -7389,6 +7380,21 @@ class LocalApp:
         for summary in ours:
             self.engine.remove(summary["Id"])
 
+    def refuse_another_start(self, states=None):
+        """Raise when another `start` of the app has containers (in one of ``states``);
+        -> all the containers that starts of the app made."""
+        # One label in the filter: Podman 4 finds nothing when given two (see prune_images).
+        ours = [s for s in self.engine.containers(all=True, filters={
+            "label": ["%s=%s" % (LABEL_APP, self.app)]}) if self.made_by_start(s.get("Labels"))]
+        running = [s for s in ours if states is None or s.get("State") in states]
+        if running:
+            names = sorted(n.lstrip("/") for s in running for n in s.get("Names") or [])
+            raise ConvoxError("app %s is already running (%s, from another convox start) — "
+                              "stop that one first (Ctrl-C in its terminal, or convox ps stop ID if "
+                              "it is gone)"
+                              % (self.app, ", ".join(names)))
+        return ours
+
     def network_info(self):
         """The network named APP, or None (a lookup by name also matches ID prefixes)."""
         try:
@@ -7399,6 +7405,9 @@ class LocalApp:
 
     def ensure_network(self):
         """Make the APP network, or take over the one an earlier, killed start left."""
+        # claim() removed a killed start's containers: any there now are those of a start
+        # that began while this one was building, and the network is in its use.
+        self.refuse_another_start()
         self.network = self.app
         if self.network_info() is None:
             self.engine.request("POST", "/networks/create", body={

@@ -4654,6 +4654,32 @@ services:
         self.assertEqual(self.processes_of(app), [])
         self.assertNotIn(app, self.network_names())
 
+    def test_second_start_during_the_first_ones_build(self):
+        """Both pass the check before their builds; the one whose build ends second says
+        the app is running and leaves the network (and so the first one's services) alone."""
+        app = app_name("race")
+        folder = self.app_dir("convox.yml", "services:\n  db:\n    build: .\n"
+                              "    command: %s\n" % StartLoopTest.LOOP, {
+                                  "Dockerfile": "FROM %s\nRUN sleep 4 # %s\n" % (
+                                      self.image, os.urandom(4).hex())})
+        first = subprocess.Popen([sys.executable, CONVOX, "-a", app, "start"], cwd=folder,
+                                 env=HARNESS.env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: first.poll() is None and first.kill())
+        time.sleep(2)
+        result = self.convox("-a", app, "start", cwd=folder, timeout=60)
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertOneErrorLine(result)
+        self.assertIn("app %s is already running (%s-db" % (app, app), result.stderr.decode())
+        db = self.engine.inspect("%s-db" % app)
+        self.assertTrue(db["State"]["Running"])
+        self.assertEqual(list(db["NetworkSettings"]["Networks"]), [app])
+        first.send_signal(signal.SIGINT)
+        out, _ = first.communicate(timeout=30)
+        self.assertEqual(first.returncode, 0, out)
+        self.assertEqual(self.processes_of(app), [])
+        self.assertNotIn(app, self.network_names())
+
     def test_leftovers_of_a_killed_start_are_replaced(self):
         app = app_name("leftover")
         folder = self.app_dir("convox.yml", self.MANIFEST.format(image=self.image))
