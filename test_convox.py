@@ -4637,6 +4637,18 @@ services:
         self.assertEqual(self.engine.request("GET", "/networks/%s" % app)["Containers"], {})
         self.assertEqual(self.processes_of(app), [])
 
+    def test_run_from_the_manifest_does_not_join_a_foreign_network(self):
+        """run's fallback to the manifest (no process of the app) joins the app's network
+        only when start made it."""
+        app = self.network("foreignrun")
+        folder = self.app_dir("convox.yml", self.MANIFEST.format(image=self.image))
+        result = self.convox("-a", app, "run", "--detach", "db", "sleep", "30", cwd=folder)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        one_off = result.stdout.decode().split()[-1]
+        self.addCleanup(self.engine.remove, one_off)
+        self.assertNotIn(app, self.engine.inspect(one_off)["NetworkSettings"]["Networks"])
+        self.assertEqual(self.engine.request("GET", "/networks/%s" % app)["Containers"], {})
+
     def test_second_start_says_running_and_touches_nothing(self):
         app = app_name("twice")
         folder = self.app_dir("convox.yml", self.MANIFEST.format(image=self.image))
