@@ -7834,7 +7834,7 @@ class BenchSmokeTest(EngineTestCase):
     """bench/bench.py --quick runs against the real engine, prints every workload, exits 0
     and leaves nothing behind.  No timing assertions: figures go to the README."""
 
-    WORKLOADS = ("ps", "exec", "stdout", "stdin", "run", "tty", "rss", "logs", "ssh")
+    WORKLOADS = ("ps", "startup", "exec", "stdout", "stdin", "run", "tty", "rss", "logs", "ssh")
 
     def test_quick_run_prints_every_workload(self):
         bench = os.path.join(HERE, "bench", "bench.py")
