@@ -8826,7 +8826,7 @@ class EngineDeathTest(ReliabilityChecks, TerminalTestCase):
         with self.subTest(verb="logs"):  # following: one ERROR line, status 1
             if private.proc.poll() is not None:
                 private.start()
-            worker = builder.engine.create_container({
+            worker = private.engine.create_container({
                 "Image": builder.image, "Cmd": ["sh", "-c", "echo started; sleep 3600"],
                 "Labels": {TEST_LABEL: RUN_ID, convox.LABEL_APP: app,
                            convox.LABEL_SERVICE: "worker", convox.LABEL_TYPE: "service"},
