@@ -144,9 +144,13 @@ class Harness:
 
     def _start_private_dockerd(self):
         dockerd = shutil.which("dockerd")
-        if not dockerd or os.geteuid() != 0:
-            raise RuntimeError("no Docker engine answers, and dockerd is not installed (or "
-                               "not root) — install it: " + INSTALL_HINT)
+        if not dockerd:
+            raise RuntimeError("no Docker engine answers, and dockerd is not installed — "
+                               "install it: " + INSTALL_HINT)
+        if os.geteuid() != 0:
+            raise RuntimeError("no Docker engine answers, and only root can start a private "
+                               "dockerd — run the tests as root, or set DOCKER_HOST to an "
+                               "engine's socket")
         self.private_dir = tempfile.mkdtemp(prefix="convox-test-dockerd-")
         os.chmod(self.private_dir, 0o711)  # the ssh tests' user reaches the socket in it
         sock = os.path.join(self.private_dir, "docker.sock")
