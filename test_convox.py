@@ -700,6 +700,20 @@ class PtySession:
     def set_size(self, rows, cols):
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
+    def resize(self, rows, cols):
+        """Resize the terminal, then ask ``stty size`` at the shell until it says so (the
+        SIGWINCH and the resize call race the next line); the caller asserts on output."""
+        self.set_size(rows, cols)
+        size = b"\r\n%d %d\r\n" % (rows, cols)
+        for _ in deadline_loop(10, 0.2):
+            self.send("stty size\r")
+            try:
+                self.expect(r"\r\n(\d+ \d+)\r\n", timeout=2)
+            except AssertionError:
+                continue
+            if size in self.output:
+                break
+
     def attrs(self):
         """The outer terminal's settings (what ``stty -g`` prints)."""
         return termios.tcgetattr(self.slave)
@@ -5608,15 +5622,7 @@ class ExecTerminalTest(ExecFixtures, TerminalTestCase):
         ident, session = self.shell("tsize")
         session.send("stty size\r")
         session.expect(r"\r\n30 100\r\n")
-        session.set_size(40, 120)
-        for _ in deadline_loop(10, 0.2):  # SIGWINCH and the resize call race the next line
-            session.send("stty size\r")
-            try:
-                session.expect(r"\r\n(\d+ \d+)\r\n", timeout=2)
-            except AssertionError:
-                continue
-            if session.output.endswith(b"40 120\r\n") or b"\r\n40 120\r\n" in session.output:
-                break
+        session.resize(40, 120)
         self.assertIn(b"\r\n40 120\r\n", session.output)
         # Keys typed while the shell still starts the command go to the shell: wait until
         # sleep runs (in the foreground of the far terminal) before typing ^C.
@@ -6703,15 +6709,7 @@ class SshRackTest(ExecFixtures, SshTestCase):
         session.expect(r"/ # ")
         session.send("stty size\r")
         session.expect(r"\r\n30 100\r\n")
-        session.set_size(40, 120)
-        for _ in deadline_loop(10, 0.2):  # SIGWINCH and the resize call race the next line
-            session.send("stty size\r")
-            try:
-                session.expect(r"\r\n(\d+ \d+)\r\n", timeout=2)
-            except AssertionError:
-                continue
-            if b"\r\n40 120\r\n" in session.output:
-                break
+        session.resize(40, 120)
         self.assertIn(b"\r\n40 120\r\n", session.output)
         session.send("sleep 100\r")
         ExecTerminalTest.wait_for_process(self, ident, "sleep 100")
